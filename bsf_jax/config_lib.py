@@ -1,0 +1,230 @@
+"""Shared pieces of the Python configs in `configs/`.
+
+Configs are code: `configs/*.py` files are executed by `--config=...`. Never load
+a config from a checkpoint or from anywhere you do not trust; checkpoints store
+the *resolved* config as JSON for reference only, and nothing reads it back as
+code.
+
+A config file looks like (big_vision style):
+
+  def get_config(arg=None):
+    arg = config_lib.parse_arg(arg, size="tiny", runlocal=False)
+    config = config_lib.base_config(trainer="pretrain")
+    ...
+    return config_lib.finalize(config, arg)
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from typing import Any
+
+import ml_collections
+
+# Named model sizes (SPEC section 2): only the depth of stage 3 differs.
+SIZES = {"tiny": (2, 2, 2, 2), "small": (2, 2, 6, 2), "big": (2, 2, 18, 2)}
+
+# Modality sets by name, in the canonical order each dataset stores them.
+MODALITY_SETS = {
+    "ukb": {"t1": ("t1",), "t2": ("flair",), "flair": ("flair",),
+            "t1t2": ("t1", "flair")},
+    # BraTS channel order [flair, t1ce, t1, t2] is what BSF's released models
+    # expect; a wrong order silently gives Dice ~0, hence the input contract.
+    "brats": {"all": ("flair", "t1ce", "t1", "t2"), "t1": ("t1",),
+              "t2": ("t2",), "flair": ("flair",), "t1t2": ("t1", "flair")},
+    "atlas": {"t1": ("t1",), "all": ("t1",)},
+}
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
+  """Parses `key=value,key=value` config arguments against typed defaults.
+
+  `--config=configs/stage1.py:size=small,runlocal=True` calls
+  `get_config("size=small,runlocal=True")`. Every key must be declared in
+  `spec`, and values are converted to the type of the default, so a typo is an
+  error rather than a silently ignored argument.
+
+  Args:
+    arg: the string after the colon, or None.
+    **spec: argument names and their defaults.
+
+  Returns:
+    A locked ConfigDict with one field per spec entry.
+  """
+  result = ml_collections.ConfigDict(dict(spec))
+  if arg:
+    for item in arg.split(","):
+      if "=" not in item:
+        # A bare name is a boolean flag: `:runlocal` == `:runlocal=True`.
+        key, value = item.strip(), "True"
+      else:
+        key, value = (s.strip() for s in item.split("=", 1))
+      if key not in spec:
+        raise ValueError(
+            f"Unknown config argument {key!r} in {arg!r}; known arguments: "
+            f"{sorted(spec)}")
+      result[key] = _convert(key, value, spec[key])
+  result.lock()
+  return result
+
+
+def _convert(key: str, value: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if value.lower() in ("1", "true", "yes"):
+      return True
+    if value.lower() in ("0", "false", "no"):
+      return False
+    raise ValueError(f"Config argument {key}={value!r} is not a boolean")
+  if isinstance(default, (int, float)):
+    try:
+      return type(default)(value)
+    except ValueError:
+      raise ValueError(f"Config argument {key}={value!r} is not a "
+                       f"{type(default).__name__}") from None
+  return value
+
+
+def model_config(name: str, size: str = "tiny") -> ml_collections.ConfigDict:
+  """The `config.model` block shared by all stages."""
+  if size not in SIZES:
+    depths = tuple(int(d) for d in size.split("-"))  # e.g. "2-2-4-2"
+    if len(depths) != 4:
+      raise ValueError(f"model size {size!r} is not one of {sorted(SIZES)} "
+                       "nor four dash-separated depths like 2-2-4-2")
+  else:
+    depths = SIZES[size]
+  return ml_collections.ConfigDict(dict(
+      # "ssl_head" (stages 1-2) or "swin_unetr" (stage 3).
+      name=name,
+      # Tiny/Small/Big = depths 2-2-{2,6,18}-2 (paper Table 1; SPEC section 2).
+      depths=depths,
+      # Heads per stage, MONAI/BSF default.
+      num_heads=(3, 6, 12, 24),
+      # Embedding width of stage 0; 48 in the paper and MONAI.
+      feature_size=48,
+      # Segmentation outputs (stage 3): 3 for BraTS TC/WT/ET, 1 for ATLAS.
+      out_channels=0,
+      # SSL reconstruction decoder; "vae" is what BSF trains with.
+      upsample="vae",
+      # Stochastic depth, dropout, attention dropout: 0 in BSF pretraining.
+      dropout_path_rate=0.0,
+      drop_rate=0.0,
+      attn_drop_rate=0.0,
+      # Compute dtype ("float32" or "bfloat16"); params always stay float32.
+      dtype="float32",
+      # Rematerialise Swin and conv blocks to trade compute for memory.
+      remat=False,
+  ))
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """The `config.train` block: loop lengths, cadence and checkpoint policy."""
+  return ml_collections.ConfigDict(dict(
+      # Total optimizer steps.
+      num_steps=1000,
+      # Host-side metric logging cadence (one device_get per this many steps).
+      log_every=50,
+      # Validation cadence in steps (0 = only at the end).
+      eval_every=500,
+      # Number of validation batches (SSL) or volumes (segmentation); -1 = all.
+      eval_batches=-1,
+      # Asynchronous checkpoint cadence in steps.
+      ckpt_every=500,
+      # Keep this many most recent checkpoints (resume points).
+      keep_last=2,
+      # Also keep the best this many by validation metric (never evicts latest).
+      keep_best=1,
+      # What to do when a step's loss or gradient is not finite: "skip" leaves
+      # params untouched and counts it; "halt" stops with the last good
+      # checkpoint intact.
+      nonfinite="skip",
+      # Image summaries (mid slices) every this many steps (0 = off).
+      image_every=0,
+  ))
+
+
+def seg_config() -> ml_collections.ConfigDict:
+  """The `config.seg` block: stage-3 loss and whole-volume validation."""
+  return ml_collections.ConfigDict(dict(
+      # "dice" (BSF: DiceLoss(sigmoid=True)) or "dice_ce" (Dice + BCE).
+      loss="dice",
+      # Squared prediction in the Dice denominator (BSF script option).
+      squared_pred=False,
+      # Dice smoothing as in the BSF fine-tuning script (0 and 1e-6).
+      smooth_nr=0.0,
+      smooth_dr=1e-6,
+      # Sigmoid threshold for the TC/WT/ET masks.
+      threshold=0.5,
+      # Sliding-window validation: overlap 0.5 (BSF), windows per batch.
+      sw_overlap=0.5,
+      sw_batch_size=4,
+      # "constant" (BSF/MONAI default) or "gaussian" blending.
+      sw_mode="constant",
+      # Freeze the pretrained Swin encoder (linear-probe style ablation).
+      freeze_encoder=False,
+  ))
+
+
+def base_config(trainer: str) -> ml_collections.ConfigDict:
+  """A complete config with every block at its default."""
+  # Imported here so `configs/*.py` can import config_lib cheaply.
+  from bsf_jax import distributed, optim, sharding, ssl_step
+  from bsf_jax.data import pipeline
+
+  config = ml_collections.ConfigDict()
+  # Which trainer runs: "pretrain" (stages 1-2), "finetune" (stage 3), "demo".
+  config.trainer = trainer
+  # Global seed: data order, augmentation and dropout keys all derive from it.
+  config.seed = 42
+  config.model = model_config("ssl_head" if trainer == "pretrain"
+                              else "swin_unetr")
+  config.data = pipeline.default_config()
+  config.optim = optim.default_config()
+  config.ssl = ssl_step.default_config()
+  config.seg = seg_config()
+  config.mesh = sharding.default_config()
+  config.distributed = distributed.default_config()
+  config.train = train_config()
+  # Previous stage to start from: a workdir, a checkpoint step dir, or a
+  # PyTorch/safetensors file (MONAI SwinUNETR, BSF SSL, model_swinvit.pt).
+  config.init_from = ""
+  # Which checkpoint of `init_from` when it is a workdir: "best" or "latest".
+  config.init_from_step = "best"
+  # Declares that input channels may differ from `init_from`'s: channels are
+  # then mapped by modality name (SPEC section 5). Without it a channel
+  # mismatch is an error.
+  config.init_adapt_channels = False
+  # Modalities of `init_from`'s channels, in order, when the source does not
+  # record them (PyTorch files); e.g. ("t1", "flair") for BSF's UKB weights.
+  config.init_from_modalities = ()
+  # Only print mesh/batch/params/memory/first batch, then exit.
+  config.dry_run = False
+  return config
+
+
+def runlocal(config: ml_collections.ConfigDict) -> None:
+  """Shrinks a config in place so that it runs on a CPU in seconds."""
+  config.model.depths = (1, 1, 1, 1)
+  config.model.num_heads = (1, 1, 1, 1)
+  config.model.feature_size = 12
+  config.data.roi = (32, 32, 32)
+  config.data.batch_size = 2
+  config.data.num_samples = min(config.data.num_samples, 2)
+  config.data.workers = 0
+  config.train.num_steps = 4
+  config.train.log_every = 1
+  config.train.eval_every = 2
+  config.train.eval_batches = 2
+  config.train.ckpt_every = 2
+  config.optim.warmup_steps = 1
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as JSON (written to the workdir for reference)."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def literal(value: str) -> Any:
+  """Parses a Python literal from a string (for tuple-valued CLI flags)."""
+  return ast.literal_eval(value)

@@ -1,0 +1,1 @@
+"""Trainers, chosen by `config.trainer`: each exposes `train_and_evaluate`."""
