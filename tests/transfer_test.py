@@ -1,0 +1,106 @@
+"""Stage transfer: copy by path, adapt modality channels by name, report."""
+
+import numpy as np
+import pytest
+
+from bsf_jax import transfer
+
+
+def _tree(in_ch, out_ch, seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+      "swinViT": {"patch_embed": {"proj": {
+          "kernel": rng.normal(size=(2, 2, 2, in_ch, 6)).astype(np.float32),
+          "bias": rng.normal(size=(6,)).astype(np.float32)}}},
+      "conv": {"out": {
+          "kernel": rng.normal(size=(1, 1, 1, 6, out_ch)).astype(np.float32),
+          "bias": rng.normal(size=(out_ch,)).astype(np.float32)}},
+      "rotation_head": {"kernel": rng.normal(size=(6, 4)).astype(np.float32)},
+  }
+
+
+def test_same_shapes_copy_everything():
+  src, tgt = _tree(2, 2, seed=1), _tree(2, 2, seed=2)
+  out, report = transfer.transfer_params(
+      src, tgt, src_modalities=("t1", "flair"), tgt_modalities=("t1", "flair"),
+      adapt_channels=False)
+  np.testing.assert_array_equal(out["conv"]["out"]["kernel"],
+                                src["conv"]["out"]["kernel"])
+  assert "loaded 5, adapted 0, new 0, dropped 0" in report
+
+
+def test_channel_expansion_maps_modalities_by_name():
+  # UKB (t1, flair) -> BraTS (flair, t1ce, t1, t2).
+  src, tgt = _tree(2, 2, seed=1), _tree(4, 4, seed=2)
+  out, report = transfer.transfer_params(
+      src, tgt, src_modalities=("t1", "flair"),
+      tgt_modalities=("flair", "t1ce", "t1", "t2"), adapt_channels=True,
+      seed=3)
+  kernel = out["swinViT"]["patch_embed"]["proj"]["kernel"]
+  src_kernel = src["swinViT"]["patch_embed"]["proj"]["kernel"]
+  assert kernel.shape == (2, 2, 2, 4, 6)
+  np.testing.assert_array_equal(kernel[..., 0, :], src_kernel[..., 1, :])  # flair
+  np.testing.assert_array_equal(kernel[..., 2, :], src_kernel[..., 0, :])  # t1
+  # New channels: Kaiming normal, fan_out = 6 * 2*2*2 -> std sqrt(2/48).
+  new = np.concatenate([kernel[..., 1, :].ravel(), kernel[..., 3, :].ravel()])
+  assert not np.allclose(new, 0)
+  assert np.abs(new).max() < 6 * np.sqrt(2 / 48)
+  # Output channels of the reconstruction head, and its bias (new = 0).
+  bias = out["conv"]["out"]["bias"]
+  np.testing.assert_array_equal(bias[[0, 2]], src["conv"]["out"]["bias"][[1, 0]])
+  np.testing.assert_array_equal(bias[[1, 3]], 0)
+  assert "adapted 3" in report and "new ['t1ce', 't2']" in report
+
+
+def test_channel_reduction_keeps_matching_channel():
+  # UKB (t1, flair) -> ATLAS (t1,): the flair channel is dropped.
+  src, tgt = _tree(2, 2, seed=1), _tree(1, 1, seed=2)
+  out, _ = transfer.transfer_params(
+      src, tgt, src_modalities=("t1", "flair"), tgt_modalities=("t1",),
+      adapt_channels=True)
+  np.testing.assert_array_equal(
+      out["swinViT"]["patch_embed"]["proj"]["kernel"][..., 0, :],
+      src["swinViT"]["patch_embed"]["proj"]["kernel"][..., 0, :])
+
+
+def test_mismatch_without_declared_adaptation_names_every_param():
+  src, tgt = _tree(2, 2), _tree(4, 4)
+  with pytest.raises(transfer.TransferError) as e:
+    transfer.transfer_params(src, tgt, src_modalities=("t1", "flair"),
+                             tgt_modalities=("flair", "t1ce", "t1", "t2"),
+                             adapt_channels=False)
+  message = str(e.value)
+  for name in ("swinViT/patch_embed/proj/kernel", "conv/out/kernel",
+               "conv/out/bias"):
+    assert name in message
+  assert "init_adapt_channels" in message
+
+
+def test_non_channel_mismatch_is_an_error_even_with_adaptation():
+  src, tgt = _tree(2, 2), _tree(2, 2)
+  tgt["rotation_head"]["kernel"] = np.zeros((12, 4), np.float32)
+  with pytest.raises(transfer.TransferError, match="rotation_head/kernel"):
+    transfer.transfer_params(src, tgt, src_modalities=("t1", "flair"),
+                             tgt_modalities=("t1", "flair"),
+                             adapt_channels=True)
+
+
+def test_encoder_only_source_lands_under_swinvit_and_reports_new_and_dropped():
+  src = {"patch_embed": _tree(2, 2)["swinViT"]["patch_embed"],
+         "extra": {"w": np.zeros(3, np.float32)}}
+  tgt = _tree(2, 2)
+  out, report = transfer.transfer_params(
+      src, tgt, src_modalities=None, tgt_modalities=("t1", "flair"),
+      adapt_channels=False)
+  np.testing.assert_array_equal(out["swinViT"]["patch_embed"]["proj"]["bias"],
+                                src["patch_embed"]["proj"]["bias"])
+  assert "new conv/* (2 params)" in report
+  assert "dropped extra/* (1 params)" not in report  # wrapped under swinViT
+  assert "dropped swinViT/* (1 params)" in report
+
+
+def test_nothing_matching_is_an_error():
+  with pytest.raises(transfer.TransferError, match="No parameter"):
+    transfer.transfer_params({"a": {"w": np.zeros(2)}}, _tree(2, 2),
+                             src_modalities=None, tgt_modalities=("t1",),
+                             adapt_channels=False)
