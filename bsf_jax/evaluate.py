@@ -1,0 +1,142 @@
+"""Evaluate a fine-tuned run on its validation split: Dice table and figure.
+
+  python -m bsf_jax.evaluate --workdir runs/s3_f0 [--step N]
+
+Restores the best checkpoint (by validation mean Dice), predicts every
+validation volume with sliding-window inference, and writes
+`evaluation.md` / `evaluation.csv` (per-volume and mean Dice per class) and
+`evaluation.png` (a slice of the input with ground-truth and predicted
+overlays) into the workdir.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from bsf_jax import checkpointing
+from bsf_jax.data import pipeline
+from bsf_jax.trainers import finetune, loop
+
+
+def evaluate_run(run_dir: str, config: ml_collections.ConfigDict,
+                 out_dir: str, which: str | int = "best") -> str:
+  """Evaluates `run_dir`'s checkpoint; returns the markdown table."""
+  params, meta, step = checkpointing.restore_params(
+      run_dir, which, metric="val_dice_mean", mode="max")
+  checkpointing.check_contract(meta.get("contract", {}),
+                               loop.input_contract(config), run_dir)
+  model = loop.build_model(config)
+  predict = finetune.make_predict_volume(model, config)
+  rows, figure_item = [], None
+  for item in pipeline.make_eval_iter(config.data, task="seg"):
+    if not bool(item.get("mask", True)):
+      continue
+    probs = np.asarray(predict(params, jnp.asarray(item["image"])))
+    scores = finetune.volume_metrics(probs, np.asarray(item["label"]),
+                                     config.data.label_format,
+                                     config.seg.threshold)
+    rows.append({"volume": os.path.basename(str(item["path"])), **scores})
+    if figure_item is None:
+      figure_item = (item, probs)
+  if not rows:
+    raise ValueError(f"{run_dir}: no validation volumes to evaluate")
+  keys = [k for k in rows[0] if k != "volume"]
+  mean = {"volume": "mean", **{k: float(np.nanmean([r[k] for r in rows]))
+                               for k in keys}}
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "evaluation.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, ["volume", *keys])
+    writer.writeheader()
+    writer.writerows([*rows, mean])
+  lines = [f"Validation of {run_dir} (step {step}), {len(rows)} volumes",
+           "", "| volume | " + " | ".join(keys) + " |",
+           "|---" * (len(keys) + 1) + "|"]
+  for r in [*rows, mean]:
+    lines.append(f"| {r['volume']} | " +
+                 " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
+  table = "\n".join(lines)
+  with open(os.path.join(out_dir, "evaluation.md"), "w") as f:
+    f.write(table + "\n")
+  with open(os.path.join(out_dir, "evaluation.json"), "w") as f:
+    json.dump({"step": step, "mean": mean, "volumes": rows}, f, indent=2)
+  save_figure(os.path.join(out_dir, "evaluation.png"), *figure_item,
+              threshold=config.seg.threshold)
+  return table
+
+
+def save_figure(path: str, item: dict, probs: np.ndarray,
+                threshold: float) -> None:
+  """Input slice, ground truth and prediction overlays at the largest lesion."""
+  import matplotlib
+  matplotlib.use("Agg")  # No display on clusters.
+  import matplotlib.pyplot as plt
+
+  image = np.asarray(item["image"])[..., 0]
+  gt = np.asarray(item["label"]) >= 0.5
+  pred = probs >= threshold
+  # Axial slice (last spatial axis in RAS) where the ground truth is largest.
+  z = int(np.argmax(gt.any(-1).sum((0, 1)))) if gt.any() else image.shape[2] // 2
+  fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+  titles = ("input", "ground truth", "prediction")
+  for ax, title, mask in zip(axes, titles, (None, gt, pred)):
+    ax.imshow(np.rot90(image[:, :, z]), cmap="gray")
+    if mask is not None:
+      colours = np.zeros((*mask.shape[:2], 4))
+      for k, rgb in enumerate(((1, 1, 0), (0, 1, 0), (1, 0, 0))[:mask.shape[-1]]):
+        colours[mask[:, :, z, k]] = (*rgb, 0.45)
+      ax.imshow(np.rot90(colours))
+    ax.set_title(title)
+    ax.axis("off")
+  fig.suptitle(f"{os.path.basename(str(item['path']))}, axial slice {z} "
+               "(yellow TC, green WT, red ET)" if pred.shape[-1] == 3 else
+               f"{os.path.basename(str(item['path']))}, axial slice {z}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  # Defined only when run as a script: the demo imports this module inside
+  # `bsf_jax.main`, which has its own --workdir flag.
+  flags.DEFINE_string("workdir", None, "A fine-tuning run's workdir.")
+  flags.DEFINE_string("step", "best", "Checkpoint: best, latest or a step.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config_path = os.path.join(FLAGS.workdir, "config.json")
+  if not os.path.exists(config_path):
+    print(f"error: {config_path} not found (not a bsf_jax workdir?)",
+          file=sys.stderr)
+    sys.exit(1)
+  with open(config_path) as f:
+    # JSON data, never code: the resolved config written by the run.
+    config = ml_collections.ConfigDict(json.load(f))
+  _tuples(config)
+  print(evaluate_run(FLAGS.workdir, config, FLAGS.workdir, FLAGS.step))
+
+
+def _tuples(config):
+  """JSON turned tuples into lists; restore the tuple-valued fields."""
+  config.data.roi = tuple(config.data.roi)
+  config.data.modalities = tuple(config.data.modalities)
+  config.model.depths = tuple(config.model.depths)
+  config.model.num_heads = tuple(config.model.num_heads)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
