@@ -1,0 +1,203 @@
+r"""Segment new subjects with a fine-tuned checkpoint and write NIfTI labels.
+
+  python -m bsf_jax.predict --checkpoint runs/s3_f0 --input /data/BraTS2021_00001 --output preds/
+  python -m bsf_jax.predict --checkpoint runs/s3_f0 --input flair.nii.gz,t1ce.nii.gz,t1.nii.gz,t2.nii.gz --output preds/
+  python -m bsf_jax.predict --checkpoint runs/s3_f0 --input brats21_folds.json --output preds/
+
+The checkpoint carries its input contract (modality names and order,
+orientation, intensity normalisation, roi). Inputs are matched to it by
+modality name: a subject directory is searched for one file per modality, and
+explicit file lists must name the files in the contract's order (checked
+against the file names where they carry a modality). Wrong channel order is
+the most common silent failure of the original, so a mismatch is an error.
+
+Predictions are written in the input's own orientation with its affine and
+header, so they overlay the input in any viewer. BraTS outputs are label maps
+0/1/2/4 (SPEC section 5 order); ATLAS outputs are binary masks.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from bsf_jax import checkpointing, metrics
+from bsf_jax.data import io as data_io
+from bsf_jax.data import transforms
+from bsf_jax.trainers import finetune, loop
+
+# File-name patterns of each modality in the supported layouts.
+_MODALITY_PATTERNS = {
+    "flair": (r"_flair\.nii", r"T2_FLAIR", r"FLAIR"),
+    "t1ce": (r"_t1ce\.nii",),
+    "t1": (r"_t1\.nii", r"_T1w\.nii", r"T1_brain", r"/T1\.nii"),
+    "t2": (r"_t2\.nii",),
+}
+
+
+class InputError(ValueError):
+  """The inputs do not fit the checkpoint's input contract."""
+
+
+def _matches(path: str, modality: str) -> bool:
+  return any(re.search(p, path) for p in _MODALITY_PATTERNS.get(modality, ()))
+
+
+def subject_files(subject_dir: str, modalities: list[str]) -> list[str]:
+  """Finds one file per modality (in contract order) inside a subject dir."""
+  candidates = sorted(glob.glob(os.path.join(subject_dir, "**", "*.nii*"),
+                                recursive=True))
+  candidates = [c for c in candidates if not re.search(r"(seg|mask)\.nii", c)]
+  files = []
+  for m in modalities:
+    found = [c for c in candidates if _matches(c, m)]
+    if len(found) != 1:
+      raise InputError(
+          f"{subject_dir}: expected exactly one {m!r} file for the checkpoint's "
+          f"modalities {modalities}, found {found or 'none'}")
+    files.append(found[0])
+  return files
+
+
+def resolve_inputs(spec: str, modalities: list[str]) -> list[list[str]]:
+  """Turns --input into a list of subjects, each a list of files in order."""
+  if spec.endswith(".json"):
+    with open(spec) as f:
+      datalist = json.load(f)
+    base = os.path.dirname(os.path.abspath(spec))
+    entries = [e for key in ("validation", "training", "test")
+               for e in datalist.get(key, [])]
+    subjects = [[p if os.path.isabs(p) else os.path.join(base, p)
+                 for p in e["image"]] for e in entries]
+  elif os.path.isdir(spec):
+    subject_dirs = [spec]
+    if not any(glob.glob(os.path.join(spec, "*.nii*"))):
+      # A folder of subject folders.
+      subject_dirs = sorted(d for d in glob.glob(os.path.join(spec, "*"))
+                            if os.path.isdir(d))
+    subjects = [subject_files(d, modalities) for d in subject_dirs]
+  else:
+    subjects = [spec.split(",")]
+  for files in subjects:
+    if len(files) != len(modalities):
+      raise InputError(f"{files}: {len(files)} files, but the checkpoint expects "
+                       f"{len(modalities)} modalities {modalities} in that order")
+    for f, m in zip(files, modalities):
+      if not os.path.exists(f):
+        raise InputError(f"{f}: file not found")
+      named = [k for k in _MODALITY_PATTERNS if _matches(f, k)]
+      if named and m not in named:
+        raise InputError(
+            f"{f} looks like {named[0]!r} but is in the position of {m!r}: the "
+            f"checkpoint expects modalities in the order {modalities}")
+  if not subjects:
+    raise InputError(f"--input {spec}: no subjects found")
+  return subjects
+
+
+def from_ras(data: np.ndarray, original_affine: np.ndarray) -> np.ndarray:
+  """Inverse of `data_io.to_ras`: back to the file's storage orientation."""
+  from nibabel import orientations
+  ras = orientations.axcodes2ornt(("R", "A", "S"))
+  back = orientations.ornt_transform(
+      ras, orientations.io_orientation(original_affine))
+  return orientations.apply_orientation(data, back)
+
+
+def write_like(path: str, data: np.ndarray, reference: str) -> None:
+  """Writes `data` (RAS) with `reference`'s orientation, affine and header."""
+  import nibabel as nib
+  ref = nib.load(reference)
+  out = from_ras(data, ref.affine).astype(np.uint8)
+  header = ref.header.copy()
+  header.set_data_dtype(np.uint8)
+  header["scl_slope"], header["scl_inter"] = 1, 0
+  nib.save(nib.Nifti1Image(out, ref.affine, header), path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    _predict(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.step)
+  except (InputError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _predict(checkpoint: str, inputs: str, output: str, which: str) -> None:
+  params, meta, step = checkpointing.restore_params(
+      checkpoint, which, metric="val_dice_mean", mode="max")
+  contract = meta.get("contract")
+  if not contract or "model" not in contract:
+    raise ValueError(f"{checkpoint}: checkpoint has no input contract")
+  if contract["model"]["name"] != "swin_unetr":
+    raise ValueError(f"{checkpoint}: a {contract['model']['name']} checkpoint "
+                     "cannot segment; use a fine-tuning (stage 3) run")
+  modalities = list(contract["modalities"])
+  config = _config_from_contract(contract)
+  model = loop.build_model(config)
+  predict = finetune.make_predict_volume(model, config)
+  intensity = transforms.Intensity(**{
+      k: contract["intensity"][k] for k in ("kind", "a_min", "a_max")
+      if k in contract["intensity"]})
+  subjects = resolve_inputs(inputs, modalities)
+  os.makedirs(output, exist_ok=True)
+  print(f"checkpoint {checkpoint} step {step}: modalities {modalities}, "
+        f"{len(subjects)} subject(s)")
+  start = time.time()
+  for i, files in enumerate(subjects, 1):
+    volumes = [data_io.read_volume(f) for f in files]
+    shapes = {v.data.shape for v in volumes}
+    if len(shapes) != 1:
+      raise InputError(f"{files}: modalities have different shapes {shapes}")
+    image = np.stack([v.data for v in volumes], axis=-1)
+    image = intensity.apply(image, intensity.fit(image))
+    probs = np.asarray(predict(params, jnp.asarray(image)))
+    if contract["label_format"] == "brats":
+      labels = metrics.brats_channels_to_labels(
+          probs, et_label=contract.get("et_label", 4))
+    else:
+      labels = (probs[..., 0] >= 0.5).astype(np.uint8)
+    name = re.sub(r"(_[a-z0-9]+)?\.nii(\.gz)?$", "", os.path.basename(files[0]))
+    out_path = os.path.join(output, f"{name}_pred.nii.gz")
+    write_like(out_path, np.asarray(labels), files[0])
+    elapsed = time.time() - start
+    print(f"[{i}/{len(subjects)}] {out_path}  ({elapsed:.0f}s, "
+          f"eta {elapsed / i * (len(subjects) - i):.0f}s)", flush=True)
+
+
+def _config_from_contract(contract: dict) -> ml_collections.ConfigDict:
+  """The few config fields inference needs, rebuilt from the contract."""
+  from bsf_jax import config_lib
+  m = contract["model"]
+  config = ml_collections.ConfigDict()
+  config.model = config_lib.model_config("swin_unetr")
+  config.model.update(depths=tuple(m["depths"]), num_heads=tuple(m["num_heads"]),
+                      feature_size=m["feature_size"],
+                      out_channels=m["out_channels"])
+  config.data = ml_collections.ConfigDict(dict(
+      modalities=tuple(contract["modalities"]), roi=tuple(contract["roi"])))
+  config.seg = config_lib.seg_config()
+  return config
+
+
+FLAGS = flags.FLAGS
+
+if __name__ == "__main__":
+  flags.DEFINE_string("checkpoint", None, "Fine-tuning workdir or step dir.")
+  flags.DEFINE_string("input", None, "Subject dir, folder of subject dirs, "
+                      "comma-separated files, or a datalist json.")
+  flags.DEFINE_string("output", None, "Output folder.")
+  flags.DEFINE_string("step", "best", "best, latest or a step number.")
+  flags.mark_flags_as_required(["checkpoint", "input", "output"])
+  app.run(main)
