@@ -16,14 +16,10 @@ A config file looks like (big_vision style):
 
 from __future__ import annotations
 
-import ast
 import json
 from typing import Any
 
 import ml_collections
-
-# Named model sizes (SPEC section 2): only the depth of stage 3 differs.
-SIZES = {"tiny": (2, 2, 2, 2), "small": (2, 2, 6, 2), "big": (2, 2, 18, 2)}
 
 # Modality sets by name, in the canonical order each dataset stores them.
 MODALITY_SETS = {
@@ -87,13 +83,14 @@ def _convert(key: str, value: str, default: Any) -> Any:
 
 def model_config(name: str, size: str = "tiny") -> ml_collections.ConfigDict:
   """The `config.model` block shared by all stages."""
-  if size not in SIZES:
-    depths = tuple(int(d) for d in size.split("-"))  # e.g. "2-2-4-2"
-    if len(depths) != 4:
-      raise ValueError(f"model size {size!r} is not one of {sorted(SIZES)} "
-                       "nor four dash-separated depths like 2-2-4-2")
-  else:
-    depths = SIZES[size]
+  from bsf_jax.models import variants
+  # Config arguments are comma-separated, so depths are written 2-2-4-2.
+  try:
+    depths = variants.decode_size(size.replace("-", ","))
+  except ValueError:
+    raise ValueError(f"model size {size!r} is not one of "
+                     f"{sorted(variants.SIZES)} nor four dash-separated depths "
+                     "like 2-2-4-2") from None
   return ml_collections.ConfigDict(dict(
       # "ssl_head" (stages 1-2) or "swin_unetr" (stage 3).
       name=name,
@@ -223,8 +220,3 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
 def to_json(config: ml_collections.ConfigDict) -> str:
   """The resolved config as JSON (written to the workdir for reference)."""
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
-
-
-def literal(value: str) -> Any:
-  """Parses a Python literal from a string (for tuple-valued CLI flags)."""
-  return ast.literal_eval(value)
