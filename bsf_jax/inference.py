@@ -206,10 +206,12 @@ def sliding_window_inference(
   Args:
     x: channels-last input [B, *spatial, C].
     roi_size: window size; None/non-positive entries take the image size.
-    predictor: maps windows [n, *roi, C] (and `*predictor_args`) to
-      [n, *roi, K]. It is a static argument of the jit: pass a stable callable
-      (a module-level function, `model.apply`) and put arrays such as params
-      in `predictor_args`, or every new closure recompiles.
+    predictor: called as `predictor(*predictor_args, windows)`, maps windows
+      [n, *roi, C] to [n, *roi, K]; arguments first so that a Flax
+      `model.apply` (variables, x) works as is. It is a static argument of the
+      jit: pass a stable callable (a module-level function, `model.apply`) and
+      put arrays such as params in `predictor_args`, or every new closure
+      recompiles.
     overlap: overlap fraction between windows, scalar or per dim, in [0, 1).
     mode: "constant" (equal weights) or "gaussian" blending.
     sw_batch_size: windows per predictor call (static; last batch is padded).
@@ -217,7 +219,7 @@ def sliding_window_inference(
     padding_mode: how inputs smaller than the ROI are padded: "constant",
       "reflect", "replicate" or "circular" (torch names).
     cval: fill value for constant padding.
-    predictor_args: pytrees passed to `predictor` after the windows (traced).
+    predictor_args: pytrees passed to `predictor` before the windows (traced).
     mesh: optional mesh; the window batch axis is sharded along `data_axis`.
     data_axis: mesh axis name used to shard windows.
 
@@ -306,7 +308,7 @@ def _sliding_window_jit(x, predictor_args, *, roi_size, predictor, overlap,
       wins = jax.lax.with_sharding_constraint(
           wins, jax.sharding.NamedSharding(
               mesh, jax.sharding.PartitionSpec(data_axis)))
-    pred = predictor(wins, *predictor_args)
+    pred = predictor(*predictor_args, wins)
     if pred.ndim != ndim + 2 or tuple(pred.shape[1:-1]) != tuple(roi_size):
       raise ValueError(
           f"predictor must map [n, *roi, C] to [n, *roi, K] with roi "
@@ -324,7 +326,7 @@ def _sliding_window_jit(x, predictor_args, *, roi_size, predictor, overlap,
 
   # The output channel count is only known after tracing the predictor.
   probe = jax.eval_shape(
-      lambda a: predictor(a, *predictor_args),
+      lambda a: predictor(*predictor_args, a),
       jax.ShapeDtypeStruct((sw_batch_size, *roi_size, channels), x.dtype))
   out0 = jnp.zeros((batch, *image_size, probe.shape[-1]), acc_dtype)
   out, _ = jax.lax.scan(step, out0, (jnp.asarray(table), jnp.asarray(valid)))

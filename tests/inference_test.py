@@ -33,7 +33,7 @@ def _weights(seed=0):
   }
 
 
-def jax_predictor(win, p):
+def jax_predictor(p, win):
   h = jax.lax.conv_general_dilated(
       win, p["w1"], (1, 1, 1), "SAME",
       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
@@ -167,7 +167,7 @@ def test_sharded_windows_match_unsharded():
 def test_compiles_once_per_shape():
   traces = []
 
-  def predictor(win, scale):
+  def predictor(scale, win):
     traces.append(win.shape)
     return win[..., :1] * scale
 
@@ -199,3 +199,18 @@ def test_bad_arguments_raise_clearly():
     with pytest.raises(ValueError, match="multiple of mesh axis"):
       inference.sliding_window_inference(x, 4, lambda w: w, mesh=mesh,
                                          sw_batch_size=mesh.shape["data"] + 1)
+
+
+def test_flax_model_apply_as_predictor():
+  # A pointwise Flax model: blending pointwise predictions is exact, so the
+  # result equals the model applied to the whole volume at once.
+  import flax.linen as nn
+  model = nn.Dense(3)
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(1, 11, 9, 7, 2)),
+                  jnp.float32)
+  variables = model.init(jax.random.key(0), x[:, :1, :1, :1])
+  got = inference.sliding_window_inference(
+      x, (4, 4, 4), model.apply, overlap=0.5, mode="gaussian",
+      predictor_args=(variables,))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(model.apply(
+      variables, x)), rtol=1e-5, atol=1e-6)
