@@ -32,6 +32,14 @@ def _env(**extra):
   return env
 
 
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+  """The small demo cohort, written once for this module."""
+  from bsf_jax.data import demo
+  out = str(tmp_path_factory.mktemp("cohort"))
+  return demo.write_demo_cohort(out, subjects=3, seed=0, small=True)
+
+
 # --- Checkpoint safety --------------------------------------------------------
 
 _SAVER = textwrap.dedent("""
@@ -118,3 +126,52 @@ def test_kill_during_async_save_keeps_last_complete(tmp_path):
 def _single_device():
   import jax
   return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+# --- A killed data worker -----------------------------------------------------
+
+_WORKER_KILLER = textwrap.dedent("""
+    import os, signal, sys, time
+    import psutil
+    from absl import flags
+    from bsf_jax.data import pipeline
+
+    def main():
+      flags.FLAGS(sys.argv[:1])  # Grain reads absl flags in its workers.
+      cfg = pipeline.default_config()
+      cfg.update(dict(dataset="ukb", datalist=sys.argv[1], roi=(32, 32, 32),
+                      batch_size=2, num_samples=2, workers=2,
+                      modalities=("t1", "flair")))
+      it = pipeline.make_train_iter(cfg, task="ssl", seed=0, process_index=0,
+                                    process_count=1)
+      next(it)
+      workers = [c for c in psutil.Process().children()
+                 if "resource_tracker" not in " ".join(c.cmdline())]
+      assert len(workers) == 2, workers
+      os.kill(workers[0].pid, signal.SIGKILL)
+      t0 = time.monotonic()
+      try:
+        for _ in range(1000):
+          next(it)
+      except Exception as e:
+        print(f"ERROR after {time.monotonic() - t0:.1f}s: "
+              f"{type(e).__name__}: {e}", flush=True)
+        sys.exit(3)
+      print("NO ERROR", flush=True)
+
+    if __name__ == "__main__":
+      main()
+""")
+
+
+def test_killed_data_worker_errors_instead_of_hanging(tmp_path, cohort):
+  script = tmp_path / "kill_worker.py"
+  script.write_text(_WORKER_KILLER)
+  # The hard timeout is what the test is about: a hang fails it here.
+  result = subprocess.run(
+      [sys.executable, str(script), cohort["ukb"]["datalist"]], env=_env(),
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 3, (result.stdout, result.stderr[-3000:])
+  line = result.stdout.strip().splitlines()[-1]
+  assert "Worker process was terminated unexpectedly" in line, line
+  assert float(line.split()[2].rstrip("s:")) < 30, line
