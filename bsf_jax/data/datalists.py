@@ -1,0 +1,227 @@
+"""Datalists: which files make up the training and validation sets.
+
+A record is a plain dict (picklable, cheap for Grain to index):
+  {"id": str, "image": [path per selected modality, in the requested order],
+   "label": path or ""}.
+
+Sources (`config.data.dataset`):
+* ukb: BrainSegFounder's json `{"training": [{"image": [t1, t2_flair]}],
+  "validation": [...]}`, or a scan of the UKB layout with the paper's rule
+  (both modalities present, >= 100 slices).
+* brats: the folds json `{"training": [{"fold": k, "image": [4], "label"}]}`,
+  fold k is validation; or a scan of `TrainingData/BraTS2021_*` with seeded
+  folds.
+* atlas: a BIDS scan, seeded train/held-out split.
+Few-shot subsets (`fraction`, `repeat_seed`) are drawn from the training part.
+"""
+
+import glob
+import json
+import os
+import re
+
+import numpy as np
+
+from bsf_jax.data import DataError
+
+# Canonical modality names and on-disk order per dataset. BraTS order is the
+# one of the MONAI/BrainSegFounder folds json.
+MODALITIES = {
+    "ukb": ("t1", "flair"),
+    "brats": ("flair", "t1ce", "t1", "t2"),
+    "atlas": ("t1",),
+}
+_ALIASES = {
+    "ukb": {"t1": ("t1",), "t1w": ("t1",), "t2": ("flair",), "flair": ("flair",),
+            "t2_flair": ("flair",), "t2flair": ("flair",), "t1t2": ("t1", "flair")},
+    "brats": {"flair": ("flair",), "t1ce": ("t1ce",), "t1gd": ("t1ce",),
+              "t1": ("t1",), "t2": ("t2",), "all": MODALITIES["brats"]},
+    "atlas": {"t1": ("t1",), "t1w": ("t1",)},
+}
+UKB_T1 = os.path.join("T1", "T1_brain_to_MNI.nii.gz")
+UKB_FLAIR = os.path.join("T2_FLAIR", "T2_FLAIR_brain_to_MNI.nii.gz")
+ATLAS_MASK_SUFFIX = "_label-L_desc-T1lesion_mask.nii.gz"
+
+
+def resolve_modalities(dataset: str, modalities) -> tuple[str, ...]:
+  """Canonical modality names for a selection such as "T1T2" or ("t1ce", "t2").
+
+  Args:
+    dataset: "ukb", "brats" or "atlas".
+    modalities: a name, a preset ("T1", "T2", "T1T2", "all") or a sequence.
+
+  Returns:
+    Tuple of canonical names in the requested order.
+  """
+  if dataset not in MODALITIES:
+    raise ValueError(f"data.dataset={dataset!r}; expected one of {tuple(MODALITIES)}")
+  names = [modalities] if isinstance(modalities, str) else list(modalities)
+  out = []
+  for name in names:
+    key = name.lower()
+    if key not in _ALIASES[dataset]:
+      raise ValueError(f"modality {name!r} unknown for {dataset}; "
+                       f"choose from {sorted(_ALIASES[dataset])}")
+    out.extend(_ALIASES[dataset][key])
+  if not out or len(set(out)) != len(out):
+    raise ValueError(f"modalities {modalities!r} for {dataset}: empty or repeated")
+  return tuple(out)
+
+
+def _resolve(path: str, base: str) -> str:
+  return path if os.path.isabs(path) or not base else os.path.join(base, path)
+
+
+def _pick(images, dataset, wanted, where):
+  """Selects `wanted` modalities from a record's image list."""
+  canon = MODALITIES[dataset]
+  if len(images) != len(canon):
+    raise DataError(f"{where}: expected {len(canon)} images {list(canon)}, "
+                    f"got {len(images)}")
+  by_name = dict(zip(canon, images))
+  if dataset == "brats":
+    # Real fold files are not always in canonical order: trust the suffix.
+    for p in images:
+      m = re.search(r"_(flair|t1ce|t1|t2)\.nii(\.gz)?$", os.path.basename(p))
+      if m:
+        by_name[m.group(1)] = p
+  return [by_name[m] for m in wanted]
+
+
+def read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: datalist file not found")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DataError(f"{path}: not valid json ({e})") from e
+
+
+def json_records(path: str, root: str = "") -> dict[str, list[dict]]:
+  """All sections of a datalist json, every image kept, paths resolved.
+
+  Relative paths are taken against `root`, or the json's folder if unset.
+  """
+  data = read_json(path)
+  base = root or os.path.dirname(os.path.abspath(path))
+  sections = {}
+  for name, items in data.items():
+    if not isinstance(items, list):
+      continue
+    recs = []
+    for i, item in enumerate(items):
+      if not isinstance(item, dict) or "image" not in item:
+        raise DataError(f"{path}: {name}[{i}] has no 'image' entry")
+      images = item["image"] if isinstance(item["image"], list) else [item["image"]]
+      label = item.get("label", "")
+      recs.append({"id": f"{name}[{i}]",
+                   "image": [_resolve(p, base) for p in images],
+                   "label": _resolve(label, base) if label else "",
+                   "fold": int(item.get("fold", -1))})
+    sections[name] = recs
+  return sections
+
+
+def ukb_scan(root: str, min_slices: int = 100) -> list[dict]:
+  """UKB layout scan with the paper's rule: T1 and FLAIR both present, >= 100 slices."""
+  from bsf_jax.data import io  # nibabel only when scanning.
+  records = []
+  for t1_dir in sorted(glob.glob(os.path.join(root, "*_20252_2_0"))):
+    eid = os.path.basename(t1_dir).split("_")[0]
+    t1 = os.path.join(t1_dir, UKB_T1)
+    flair = os.path.join(root, f"{eid}_20253_2_0", UKB_FLAIR)
+    if not (os.path.isfile(t1) and os.path.isfile(flair)):
+      continue
+    try:
+      if min(io.header_shape(t1)[2], io.header_shape(flair)[2]) < min_slices:
+        continue
+    except DataError:
+      pass  # Unreadable headers stay in, so the check and pipeline report them.
+    records.append({"id": eid, "image": [t1, flair], "label": ""})
+  return records
+
+
+def brats_scan(root: str, num_folds: int = 5, seed: int = 0) -> list[dict]:
+  """BraTS 2021 layout scan; subjects get seeded folds 0..num_folds-1."""
+  subjects = sorted(glob.glob(os.path.join(root, "TrainingData", "BraTS20*_*")))
+  order = np.random.default_rng(seed).permutation(len(subjects))
+  records = []
+  for rank, i in enumerate(order):
+    d = subjects[i]
+    sid = os.path.basename(d)
+    records.append({"id": sid, "fold": rank % num_folds, "label": os.path.join(d, f"{sid}_seg.nii.gz"),
+                    "image": [os.path.join(d, f"{sid}_{m}.nii.gz") for m in MODALITIES["brats"]]})
+  return sorted(records, key=lambda r: r["id"])
+
+
+def atlas_scan(root: str) -> list[dict]:
+  """ATLAS v2.0 BIDS scan: every `sub-*_T1w.nii.gz` with its lesion mask."""
+  t1s = sorted(glob.glob(os.path.join(root, "**", "sub-*_T1w.nii.gz"), recursive=True))
+  return [{"id": os.path.basename(p).split("_")[0], "image": [p],
+           "label": p[: -len("_T1w.nii.gz")] + ATLAS_MASK_SUFFIX} for p in t1s]
+
+
+def split(records, val_fraction: float, seed: int):
+  """Seeded train/held-out split (order-independent: sorted by id first)."""
+  records = sorted(records, key=lambda r: r["id"])
+  n_val = int(round(val_fraction * len(records)))
+  if val_fraction > 0 and len(records) > 1:
+    n_val = min(max(n_val, 1), len(records) - 1)
+  held = set(np.random.default_rng(seed).permutation(len(records))[:n_val].tolist())
+  train = [r for i, r in enumerate(records) if i not in held]
+  val = [r for i, r in enumerate(records) if i in held]
+  return train, val
+
+
+def few_shot(records, fraction: float, repeat_seed: int):
+  """Deterministic subset: round(fraction * n) records (>= 1), drawn with repeat_seed."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f"data.fraction={fraction}; expected 0 < fraction <= 1")
+  if fraction == 1:
+    return list(records)
+  n = max(1, int(round(fraction * len(records))))
+  keep = np.sort(np.random.default_rng(repeat_seed).permutation(len(records))[:n])
+  return [records[i] for i in keep]
+
+
+def load_datalist(cfg) -> tuple[list[dict], list[dict]]:
+  """Train and validation records for `config.data`.
+
+  Args:
+    cfg: the `config.data` block (see `pipeline.default_config`).
+
+  Returns:
+    (train, val) lists of records with modalities selected and the few-shot
+    subset applied to train.
+
+  Raises:
+    DataError: missing/invalid datalist, or an empty training list.
+  """
+  dataset = cfg.dataset
+  wanted = resolve_modalities(dataset, cfg.modalities)
+  where = cfg.datalist or cfg.root
+  if dataset == "ukb":
+    if cfg.datalist:
+      sections = json_records(cfg.datalist, cfg.root)
+      train, val = sections.get("training", []), sections.get("validation", [])
+      if not val and cfg.val_fraction > 0:
+        train, val = split(train, cfg.val_fraction, cfg.split_seed)
+    else:
+      train, val = split(ukb_scan(cfg.root, cfg.min_slices), cfg.val_fraction, cfg.split_seed)
+  elif dataset == "brats":
+    recs = (json_records(cfg.datalist, cfg.root).get("training", [])
+            if cfg.datalist else brats_scan(cfg.root, seed=cfg.split_seed))
+    train = [r for r in recs if r["fold"] != cfg.fold]
+    val = [r for r in recs if r["fold"] == cfg.fold]
+  else:
+    recs = (json_records(cfg.datalist, cfg.root).get("training", [])
+            if cfg.datalist else atlas_scan(cfg.root))
+    train, val = split(recs, cfg.val_fraction, cfg.split_seed)
+  if not train:
+    raise DataError(f"{where}: empty training datalist for dataset={dataset} "
+                    f"(fold={cfg.fold})")
+  train = few_shot(train, cfg.fraction, cfg.repeat_seed)
+  select = lambda r: {"id": r["id"], "label": r["label"],
+                      "image": _pick(r["image"], dataset, wanted, f"{where}: {r['id']}")}
+  return [select(r) for r in train], [select(r) for r in val]

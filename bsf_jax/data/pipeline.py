@@ -1,0 +1,396 @@
+"""Grain input pipelines for SSL pretraining and segmentation fine-tuning.
+
+Train (infinite, resumable):
+  records -> MapDataset.seed(seed) -> shard [process_index::process_count]
+  -> shuffle -> repeat -> random_map(load + crops + augment) -> iter
+  -> filter(skipped) -> batch(volumes, drop_remainder) -> mp_prefetch(workers)
+Each element is one volume turned into `num_samples` crops; a batch of
+`batch_size / num_samples / process_count` volumes is one process-local batch
+of crops. Random crops/augmentations get Grain's per-element rng (derived
+from the seed and the element index), so a run is reproducible and
+`get_state()/set_state()` resumes at exactly the same element. Memory is
+bounded by (workers x prefetch) batches plus one volume per worker/thread,
+never by the dataset size.
+
+Eval (finite, deterministic): no shuffle, no augmentation; the record list
+is padded with masked copies so every process yields the same number of full
+batches (`mask` marks the real ones).
+
+Arrays are channels-last: images (H, W, D, C), batches (B, H, W, D, C).
+"""
+
+import dataclasses
+import logging
+
+import grain
+import ml_collections
+import numpy as np
+
+from bsf_jax.data import DataError
+from bsf_jax.data import datalists
+from bsf_jax.data import io
+from bsf_jax.data import transforms as T
+
+# Records skipped under on_error="skip", per process (each Grain worker
+# process keeps its own count; `bsf_jax.data.check` gives the full list).
+SKIPPED = {"count": 0}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `config.data` block."""
+  c = ml_collections.ConfigDict()
+  # "ukb" | "brats" | "atlas" (paper: stage 1 UKB, stages 2/3 BraTS or ATLAS).
+  c.dataset = "ukb"
+  # Datalist json (BrainSegFounder/MONAI format); "" scans `root` instead.
+  c.datalist = ""
+  # Base folder: relative datalist paths and directory scans start here.
+  c.root = ""
+  # Modality names, in channel order (ukb: t1, flair; brats: flair, t1ce, t1, t2).
+  c.modalities = ("t1", "flair")
+  # Crop size (paper/reference: 96^3 for SSL, 128^3 for BraTS fine-tuning).
+  c.roi = (96, 96, 96)
+  # Random crops per volume (reference sw_batch_size = 2; seg reference: 1).
+  c.num_samples = 2
+  # GLOBAL crops per step; volumes per step = batch_size / num_samples.
+  c.batch_size = 4
+  # "ct_window" (reference: ScaleIntensityRange -1000..1000 -> 0..1, clip),
+  # "zscore_nonzero" (our MRI default, BraTS reference), or "percentile".
+  c.intensity = "zscore_nonzero"
+  # Window for "ct_window" (reference defaults a_min -1000, a_max 1000).
+  c.a_min = -1000.0
+  c.a_max = 1000.0
+  # Grain worker processes (reference: 4 DataLoader workers); 0 = in process.
+  c.workers = 4
+  # Batches buffered per worker (memory bound: workers x prefetch batches).
+  c.prefetch = 2
+  # Reader threads per process/worker (each holds one decoded volume).
+  c.read_threads = 1
+  # "raise": stop naming file + problem; "skip": log, count, continue (ours).
+  c.on_error = "raise"
+  # BraTS folds json: this fold is validation (paper: 5-fold CV); -1 = none.
+  c.fold = 0
+  # Few-shot: fraction of the training records (paper Table 9: .05-.4) ...
+  c.fraction = 1.0
+  # ... drawn with this seed (paper: 5 repeats).
+  c.repeat_seed = 0
+  # Optional folder for decoded .npy copies of the volumes (ours; speed).
+  c.cache_dir = ""
+  # Held-out fraction when no split is given (UKB scan, ATLAS) (ours).
+  c.val_fraction = 0.2
+  # Seed of that split and of scanned BraTS folds (ours).
+  c.split_seed = 0
+  # UKB scan rule: at least this many slices (paper: 100).
+  c.min_slices = 100
+  # Labels: "brats" -> TC/WT/ET, "atlas" -> binary lesion, "none" (SSL).
+  c.label_format = "none"
+  # Enhancing-tumour label: 4 (BraTS 2021), 3 (BraTS 2023).
+  c.et_label = 4
+  # Seg-training augmentation: flips p 0.5/axis, scale 0.1, shift 0.1 (reference).
+  c.augment = True
+  # Seed of the fixed crops of the SSL eval pipeline.
+  c.eval_seed = 0
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """Picklable snapshot of config.data fields a worker needs."""
+  roi: tuple
+  num_samples: int
+  intensity: T.Intensity
+  label_format: str
+  et_label: int
+  augment: bool
+  on_error: str
+  cache_dir: str
+
+  @classmethod
+  def from_config(cls, cfg, task):
+    if cfg.on_error not in ("raise", "skip"):
+      raise ValueError(f"data.on_error={cfg.on_error!r}; expected 'raise' or 'skip'")
+    if task not in ("ssl", "seg"):
+      raise ValueError(f"task={task!r}; expected 'ssl' or 'seg'")
+    label_format = cfg.label_format if task == "seg" else "none"
+    if task == "seg" and label_format == "none":
+      raise ValueError(f"task='seg' needs data.label_format 'brats' or 'atlas' "
+                       f"(dataset={cfg.dataset})")
+    return cls(tuple(int(r) for r in cfg.roi), int(cfg.num_samples),
+               T.Intensity(cfg.intensity, float(cfg.a_min), float(cfg.a_max)),
+               label_format, int(cfg.et_label), bool(cfg.augment),
+               cfg.on_error, cfg.cache_dir)
+
+  @property
+  def raw_fill(self):
+    # Raw value that the intensity mapping sends to 0: out-of-volume crop
+    # parts read as 0 after normalisation, as with MONAI's zero padding.
+    return self.intensity.a_min if self.intensity.kind == "ct_window" else 0.0
+
+
+def load_record(record: dict, spec: _Spec):
+  """Reads and checks one record.
+
+  Returns:
+    (image float32 (H, W, D, C) raw RAS, label (H, W, D) or None, affine).
+
+  Raises:
+    DataError naming the file and the problem.
+  """
+  vols = [io.read_volume(p, cache_dir=spec.cache_dir) for p in record["image"]]
+  for v in vols[1:]:
+    if v.data.shape != vols[0].data.shape:
+      raise DataError(f"{v.path}: shape {v.data.shape} differs from "
+                      f"{vols[0].path} {vols[0].data.shape} (modalities of one subject)")
+  image = np.stack([v.data for v in vols], axis=-1)
+  label = None
+  if spec.label_format != "none":
+    if not record.get("label"):
+      raise DataError(f"{record['image'][0]}: record {record['id']} has no label")
+    lab = io.read_volume(record["label"], cache_dir=spec.cache_dir)
+    if lab.data.shape != image.shape[:3]:
+      raise DataError(f"{lab.path}: label shape {lab.data.shape} differs from "
+                      f"image {vols[0].path} {image.shape[:3]}")
+    T.check_label_values(lab.data, spec.label_format, lab.path, spec.et_label)
+    label = lab.data
+  if not np.any(spec.intensity.foreground(image)):
+    raise DataError(f"{record['image'][0]}: volume has no foreground voxels")
+  return image, label, vols[0].affine
+
+
+def _guard(spec, record, fn, *args):
+  """Runs fn; under on_error='skip' a DataError becomes None (logged, counted)."""
+  try:
+    return fn(*args)
+  except DataError as e:
+    if spec.on_error == "raise":
+      raise
+    SKIPPED["count"] += 1
+    logging.warning("data: skipping record %s (%d skipped so far): %s",
+                    record.get("id"), SKIPPED["count"], e)
+    return None
+
+
+def make_crops(image, label, rng, spec: _Spec, augment: bool):
+  """`num_samples` roi crops (+ labels) of one volume, intensity-normalised.
+
+  The same voxels as the reference chain [intensity, SpatialPad(roi),
+  CropForeground(k_divisible=roi), RandSpatialCropSamples(roi)], then for
+  segmentation RandFlip x3 and RandScale/ShiftIntensity when `augment`.
+  """
+  params = spec.intensity.fit(image)
+  start, size = T.crop_region(spec.intensity.foreground(image), spec.roi)
+  out = {"image": [], "label": []}
+  for corner in T.random_crop_starts(rng, start, size, spec.roi, spec.num_samples):
+    img = spec.intensity.apply(T.crop_with_fill(image, corner, spec.roi, spec.raw_fill), params)
+    lab = None if label is None else T.crop_with_fill(label, corner, spec.roi, 0)
+    if augment:
+      flipped = T.rand_flip(rng, [img] if lab is None else [img, lab])
+      img, lab = flipped[0], (flipped[1] if lab is not None else None)
+      img = T.rand_scale_shift(rng, img)
+    out["image"].append(img)
+    if lab is not None:
+      out["label"].append(T.convert_label(lab, spec.label_format, spec.et_label))
+  return {k: np.stack(v).astype(np.float32) for k, v in out.items() if v}
+
+
+class TrainTransform(grain.transforms.RandomMap):
+  """record -> {"image": (S, *roi, C)[, "label": (S, *roi, K)]} or None (skipped)."""
+
+  def __init__(self, spec: _Spec, augment: bool):
+    self.spec, self.augment = spec, augment
+
+  def random_map(self, record, rng):
+    def run():
+      image, label, _ = load_record(record, self.spec)
+      try:
+        return make_crops(image, label, rng, self.spec, self.augment)
+      except DataError as e:
+        raise DataError(f"{record['image'][0]}: {e}") from e
+    return _guard(self.spec, record, run)
+
+
+class _NotSkipped(grain.transforms.Filter):
+
+  def filter(self, element):
+    return element is not None
+
+
+def _concat_crops(elements):
+  """Batches volumes' crop stacks into one (volumes * S, ...) batch."""
+  return {k: np.concatenate([e[k] for e in elements]) for k in elements[0]}
+
+
+def _process(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax  # Only needed to discover the process topology.
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return process_index, process_count
+
+
+def _volumes_per_step(cfg, process_count):
+  crops = cfg.batch_size
+  if crops % process_count or (crops // process_count) % cfg.num_samples:
+    raise ValueError(f"data.batch_size={crops} must be divisible by process_count "
+                     f"({process_count}) x num_samples ({cfg.num_samples})")
+  return crops // process_count // cfg.num_samples
+
+
+def _finish(ds, cfg, volumes):
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, cfg.read_threads),
+                                            prefetch_buffer_size=max(2, volumes)))
+  ds = ds.filter(_NotSkipped()).batch(volumes, drop_remainder=True, batch_fn=_concat_crops)
+  if cfg.workers > 0:
+    from absl import flags
+    # Grain workers read absl flags; outside an absl app (tests, notebooks,
+    # benchmarks) nothing parsed them, so accept their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=cfg.workers, per_worker_buffer_size=cfg.prefetch))
+  return ds
+
+
+def make_train_iter(cfg, *, task: str, seed: int, process_index=None,
+                    process_count=None, records=None):
+  """Infinite, resumable iterator of process-local training batches.
+
+  Args:
+    cfg: the `config.data` block.
+    task: "ssl" -> {"image": float32 [b, *roi, C]}; "seg" -> additionally
+      {"label": float32 [b, *roi, K]} (K = 3 TC/WT/ET for BraTS, 1 for ATLAS).
+    seed: data seed (shuffle order, crops, augmentation).
+    process_index, process_count: JAX process topology (default: from jax).
+    records: optional explicit training records (default: `load_datalist`).
+
+  Returns:
+    A `grain.DatasetIterator` with `get_state()` / `set_state()`.
+  """
+  spec = _Spec.from_config(cfg, task)
+  pi, pc = _process(process_index, process_count)
+  volumes = _volumes_per_step(cfg, pc)
+  if records is None:
+    records = datalists.load_datalist(cfg)[0]
+  if not records:
+    raise DataError(f"{cfg.datalist or cfg.root}: empty training datalist")
+  if len(records) < pc:
+    raise DataError(f"{cfg.datalist or cfg.root}: {len(records)} training records "
+                    f"for {pc} processes")
+  ds = grain.MapDataset.source(records).seed(seed)[pi::pc]
+  ds = ds.shuffle().repeat()
+  ds = ds.random_map(TrainTransform(spec, augment=task == "seg" and spec.augment))
+  return iter(_finish(ds, cfg, volumes))
+
+
+class EvalTransform(grain.transforms.RandomMap):
+  """Deterministic eval elements; skipped/padding records get mask False."""
+
+  def __init__(self, spec: _Spec, task: str):
+    self.spec, self.task = spec, task
+
+  def _placeholder(self, c):
+    roi = self.spec.roi
+    if self.task == "ssl":
+      return {"image": np.zeros((self.spec.num_samples, *roi, c), np.float32),
+              "mask": np.zeros(self.spec.num_samples, bool)}
+    k = T.label_channels(self.spec.label_format)
+    return {"image": np.zeros((*roi, c), np.float32), "label": np.zeros((*roi, k), np.float32),
+            "raw_label": np.zeros(roi, np.int16), "affine": np.eye(4), "path": "",
+            "label_path": "", "mask": np.asarray(False)}
+
+  def random_map(self, record, rng):
+    c = len(record["image"])
+    if not record.get("valid", True):
+      return self._placeholder(c)
+
+    def run():
+      image, label, affine = load_record(record, self.spec)
+      if self.task == "ssl":
+        try:
+          out = make_crops(image, None, rng, self.spec, augment=False)
+        except DataError as e:
+          raise DataError(f"{record['image'][0]}: {e}") from e
+        return {**out, "mask": np.ones(self.spec.num_samples, bool)}
+      return {"image": self.spec.intensity.apply(image, self.spec.intensity.fit(image)),
+              "label": T.convert_label(label, self.spec.label_format, self.spec.et_label),
+              "raw_label": label.astype(np.int16), "affine": affine,
+              "path": record["image"][0], "label_path": record["label"],
+              "mask": np.asarray(True)}
+    out = _guard(self.spec, record, run)
+    return self._placeholder(c) if out is None else out
+
+
+def make_eval_iter(cfg, *, task: str, process_index=None, process_count=None,
+                   records=None, batch_size=None):
+  """Finite, deterministic eval iterator (same batches on every call).
+
+  Args:
+    cfg: the `config.data` block.
+    task: "ssl" -> batches {"image": [b, *roi, C], "mask": bool [b]} of crops
+      at fixed (eval_seed) positions, b = local batch size, last batch padded;
+      "seg" -> one whole volume per element: {"image": [H, W, D, C], "label":
+      [H, W, D, K], "raw_label": [H, W, D] original labels, "affine": [4, 4],
+      "path", "label_path", "mask": bool scalar}.
+    process_index, process_count: JAX process topology (default: from jax).
+    records: optional explicit records (default: validation part of the datalist).
+    batch_size: global crops per eval batch (ssl; default cfg.batch_size).
+
+  Returns:
+    An iterable Grain dataset; every process yields the same number of items.
+  """
+  spec = _Spec.from_config(cfg, task)
+  pi, pc = _process(process_index, process_count)
+  if records is None:
+    records = datalists.load_datalist(cfg)[1]
+  if not records:
+    raise DataError(f"{cfg.datalist or cfg.root}: empty validation datalist")
+  if task == "ssl":
+    per_call = cfg.copy_and_resolve_references()
+    if batch_size is not None:
+      per_call.batch_size = batch_size
+    volumes = _volumes_per_step(per_call, pc)
+  else:
+    volumes = 1
+  # Pad with masked copies so all processes see the same number of batches.
+  unit = volumes * pc
+  n = -(-len(records) // unit) * unit
+  padded = list(records) + [{**records[0], "valid": False}] * (n - len(records))
+  ds = grain.MapDataset.source(padded[pi::pc]).seed(cfg.eval_seed)
+  ds = ds.random_map(EvalTransform(spec, task))
+  if task == "ssl":
+    ds = ds.batch(volumes, batch_fn=_concat_crops)
+  return ds
+
+
+def to_global_batch(batch: dict, sharding) -> dict:
+  """Process-local numpy batch -> global `jax.Array`s (batch axis sharded).
+
+  Args:
+    batch: dict of arrays whose leading axis is the process-local batch;
+      non-array entries (paths) are dropped.
+    sharding: a `jax.sharding.Sharding` for the global batch (e.g.
+      NamedSharding(mesh, P("data"))).
+
+  Returns:
+    dict of global jax.Arrays.
+  """
+  import jax
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()
+          if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
+
+
+def input_contract(cfg) -> dict:
+  """What a checkpoint expects of its inputs; stored and checked on load."""
+  intensity = T.Intensity(cfg.intensity, float(cfg.a_min), float(cfg.a_max))
+  return {
+      "dataset": cfg.dataset,
+      "modalities": list(datalists.resolve_modalities(cfg.dataset, cfg.modalities)),
+      "orientation": "RAS",
+      "layout": "HWDC (channels last)",
+      "intensity": intensity.spec(),
+      "roi": [int(r) for r in cfg.roi],
+      "label_format": cfg.label_format,
+      "label_channels": (["TC", "WT", "ET"] if cfg.label_format == "brats"
+                         else ["lesion"] if cfg.label_format == "atlas" else []),
+      "et_label": int(cfg.et_label),
+  }
