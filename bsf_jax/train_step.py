@@ -1,0 +1,121 @@
+"""The generic, sharded training step.
+
+`make_train_step(loss_fn, ...)` returns one jitted pure function
+`step(state, batch, rng) -> (state, metrics)` for any
+`loss_fn(params, batch, rng) -> (loss, metrics)`; the SSL objective lives in
+`ssl_step.py`, the Dice objective in the fine-tuning trainer.
+
+- The batch is a global array split over ("data", "fsdp"); gradients of the
+  mean loss are reduced by XLA (all-reduce under DP, reduce-scatter under
+  FSDP). No pmap, no explicit `lax.pmean`.
+- The state is donated: its buffers are reused for the new state, so a step
+  needs one copy of params and optimizer state, not two.
+- Metrics are returned as replicated device scalars; the trainer fetches them
+  every `log_every_steps`, so the loop never waits on the host.
+- Non-finite guard: if the loss or the gradient norm is NaN/Inf, the update
+  is dropped with `jnp.where` (params and optimizer state stay bit-identical),
+  `nonfinite_count` grows and `metrics["nonfinite"]` is 1. Under "skip",
+  `step` still advances, so the next step folds a fresh key and the trainer's
+  step counter stays aligned with the data stream. Under "halt", `step` does
+  not advance either: the returned state is exactly the last good state plus
+  the counter, and the trainer stops when it sees the flag, so a checkpoint
+  written then resumes at the failing step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from bsf_jax import optim, sharding
+from bsf_jax.train_state import TrainState
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+_NONFINITE_MODES = ("skip", "halt")
+
+
+def train_step(state: TrainState, batch: Any, rng: jax.Array, *,
+               loss_fn: LossFn, optimizer: optax.GradientTransformation,
+               nonfinite: str = "skip") -> tuple[TrainState, dict[str, Any]]:
+  """One optimizer step (pure; jit it with `make_train_step`).
+
+  Args:
+    state: current TrainState.
+    batch: pytree of arrays with a leading global batch dim.
+    rng: base PRNG key, the same every step; the step's key is
+      `fold_in(rng, state.step)`.
+    loss_fn: (params, batch, rng) -> (scalar loss, dict of scalar metrics).
+    optimizer: the optax transformation the state was created with.
+    nonfinite: "skip" or "halt", see the module docstring.
+
+  Returns:
+    (new_state, metrics) with metrics: the loss_fn's, plus loss, grad_norm,
+    param_norm (after the step), lr (applied this step) and nonfinite (0/1).
+  """
+  key = jax.random.fold_in(rng, state.step)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, batch, key)
+  grad_norm = optax.tree.norm(grads)
+  updates, new_opt_state = optimizer.update(grads, state.opt_state,
+                                            state.params)
+  new_params = optax.apply_updates(state.params, updates)
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep_if_bad = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  bad = jnp.logical_not(finite).astype(jnp.int32)
+  advance = 1 if nonfinite == "skip" else 1 - bad
+  new_state = state.replace(
+      step=state.step + advance,
+      params=keep_if_bad(new_params, state.params),
+      opt_state=keep_if_bad(new_opt_state, state.opt_state),
+      nonfinite_count=state.nonfinite_count + bad)
+  metrics = dict(aux)
+  metrics.update(loss=loss, grad_norm=grad_norm,
+                 param_norm=optax.tree.norm(new_state.params),
+                 lr=optim.current_lr(new_opt_state), nonfinite=bad)
+  return new_state, metrics
+
+
+def make_train_step(loss_fn: LossFn,
+                    optimizer: optax.GradientTransformation,
+                    mesh: Mesh,
+                    state_sharding: Any,
+                    *,
+                    nonfinite: str = "skip",
+                    donate: bool = True) -> Callable[..., Any]:
+  """Jits `train_step` with NamedShardings in/out and the state donated.
+
+  Args:
+    loss_fn: (params, batch, rng) -> (loss, metrics); the mean over the
+      global batch.
+    optimizer: the optax transformation the state was created with.
+    mesh: mesh from `sharding.create_mesh`.
+    state_sharding: from `train_state.create_train_state`.
+    nonfinite: "skip" or "halt" (module docstring).
+    donate: donate the input state (turn off only to compare states in tests).
+
+  Returns:
+    jitted `step(state, batch, rng) -> (state, metrics)`. The batch must be
+    (or will be resharded to) `sharding.data_sharding(mesh)`; metrics are
+    replicated scalars.
+  """
+  if nonfinite not in _NONFINITE_MODES:
+    raise ValueError(f"nonfinite={nonfinite!r}; expected one of "
+                     f"{_NONFINITE_MODES}")
+
+  def step(state, batch, rng):
+    return train_step(state, batch, rng, loss_fn=loss_fn, optimizer=optimizer,
+                      nonfinite=nonfinite)
+
+  repl = sharding.replicated(mesh)
+  return jax.jit(step,
+                 in_shardings=(state_sharding, sharding.data_sharding(mesh),
+                               repl),
+                 out_shardings=(state_sharding, repl),
+                 donate_argnums=(0,) if donate else ())
