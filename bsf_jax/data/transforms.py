@@ -267,7 +267,7 @@ def check_label_values(label, label_format: str, path: str, et_label: int = 4):
     if lo < 0 or hi > 255:
       raise DataError(f"{path}: label values outside {sorted(allowed)} "
                       f"(range {lo:g}..{hi:g})")
-    present = set(np.flatnonzero(np.bincount(label.astype(np.int64).ravel())))
+    present = {int(v) for v in np.flatnonzero(np.bincount(label.astype(np.int64).ravel()))}
     if not present <= allowed:
       raise DataError(f"{path}: label values {sorted(present - allowed)} outside "
                       f"the expected set {sorted(allowed)}")
