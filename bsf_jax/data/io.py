@@ -15,7 +15,6 @@ import gzip
 import hashlib
 import json
 import os
-import zlib
 from typing import NamedTuple
 
 import nibabel as nib
@@ -42,8 +41,9 @@ def _decompress(raw: bytes, path: str) -> bytes:
     if _fast_gzip is not None:
       return _fast_gzip.decompress(raw)
     return gzip.decompress(raw)
-  except (EOFError, OSError, zlib.error, ValueError) as e:
-    # isal raises its own error types, all subclasses of these.
+  except MemoryError:
+    raise
+  except Exception as e:  # EOFError, zlib.error, gzip.BadGzipFile, IsalError, ...
     raise DataError(f"{path}: truncated or corrupt gzip ({e})") from e
 
 

@@ -1,0 +1,133 @@
+"""Scan a dataset for bad files before a long run.
+
+    python -m bsf_jax.data.check --datalist JSON [--root DIR] [--workers N]
+
+Reads every image and label of every section of the datalist (UKB, BraTS folds
+or any MONAI-style json) and lists each problem by file: missing file,
+truncated/corrupt gzip, not NIfTI, not 3D, NaN/Inf voxels, empty (all-zero)
+volume, modalities of different shapes, label shape mismatch, label values
+outside the expected set. Volumes smaller than the roi are reported as notes
+(the pipeline pads them). Exits 1 if any problem was found, 0 otherwise.
+"""
+
+import argparse
+import multiprocessing
+import sys
+import time
+
+import numpy as np
+
+from bsf_jax.data import DataError
+from bsf_jax.data import datalists
+from bsf_jax.data import io
+from bsf_jax.data import transforms as T
+
+
+def _read(path, problems):
+  try:
+    return io.read_volume(path)
+  except DataError as e:
+    problems.append(str(e))
+  except Exception as e:  # Anything else still names the file; never crash the scan.
+    problems.append(f"{path}: unexpected {type(e).__name__}: {e}")
+  return None
+
+
+def check_record(record: dict, label_format: str = "auto", et_label: int = 4,
+                 roi=None) -> tuple[list[str], list[str]]:
+  """All problems (and notes) of one record; each message starts with a path.
+
+  Args:
+    record: {"image": [paths], "label": path or ""}.
+    label_format: "brats", "atlas", "none" or "auto" (from the label name).
+    et_label: BraTS enhancing-tumour label (4, or 3 for BraTS 2023).
+    roi: optional crop size; smaller volumes give a note.
+
+  Returns:
+    (problems, notes).
+  """
+  problems, notes = [], []
+  vols = [v for v in (_read(p, problems) for p in record["image"]) if v is not None]
+  for v in vols:
+    if not np.any(v.data != 0):
+      problems.append(f"{v.path}: empty volume (all voxels are 0)")
+    if roi is not None and any(s < r for s, r in zip(v.data.shape, roi)):
+      notes.append(f"{v.path}: shape {v.data.shape} smaller than roi {tuple(roi)} (will be padded)")
+  for v in vols[1:]:
+    if v.data.shape != vols[0].data.shape:
+      problems.append(f"{v.path}: shape {v.data.shape} differs from {vols[0].path} "
+                      f"{vols[0].data.shape}")
+  label = record.get("label", "")
+  if label:
+    if label_format == "auto":
+      label_format = "brats" if "_seg.nii" in label else "atlas"
+    lab = _read(label, problems)
+    if lab is not None:
+      if vols and lab.data.shape != vols[0].data.shape:
+        problems.append(f"{label}: label shape {lab.data.shape} differs from image "
+                        f"{vols[0].path} {vols[0].data.shape}")
+      if label_format != "none":
+        try:
+          T.check_label_values(lab.data, label_format, label, et_label)
+        except DataError as e:
+          problems.append(str(e))
+  return problems, notes
+
+
+def _check(args):
+  record, label_format, et_label, roi = args
+  return record, *check_record(record, label_format, et_label, roi)
+
+
+def run_check(datalist: str, root: str = "", workers: int = 0, label_format: str = "auto",
+              et_label: int = 4, roi=None, out=sys.stdout) -> int:
+  """Checks every record of `datalist`; prints problems; returns the count."""
+  try:
+    sections = datalists.json_records(datalist, root)
+  except DataError as e:
+    print(f"PROBLEM {e}", file=out)
+    return 1
+  records = [r for recs in sections.values() for r in recs]
+  if not records:
+    print(f"PROBLEM {datalist}: empty datalist (no records in any section)", file=out)
+    return 1
+  jobs = [(r, label_format, et_label, roi) for r in records]
+  n_problems = n_notes = 0
+  t0 = time.time()
+  pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
+  try:
+    results = pool.imap(_check, jobs, chunksize=1) if pool else map(_check, jobs)
+    for record, problems, notes in results:
+      for p in problems:
+        print(f"PROBLEM [{record['id']}] {p}", file=out)
+      for n in notes:
+        print(f"note    [{record['id']}] {n}", file=out)
+      n_problems += len(problems)
+      n_notes += len(notes)
+  finally:
+    if pool:
+      pool.close()
+      pool.join()
+  n_files = sum(len(r["image"]) + bool(r.get("label")) for r in records)
+  print(f"checked {len(records)} records ({n_files} files) from {datalist} in "
+        f"{time.time() - t0:.1f}s: {n_problems} problems, {n_notes} notes", file=out)
+  return n_problems
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m bsf_jax.data.check",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--datalist", required=True, help="datalist json")
+  parser.add_argument("--root", default="", help="base of relative paths (default: json folder)")
+  parser.add_argument("--workers", type=int, default=0, help="reader processes (0: in process)")
+  parser.add_argument("--label-format", default="auto", choices=("auto", "brats", "atlas", "none"))
+  parser.add_argument("--et-label", type=int, default=4, help="4 (BraTS 2021) or 3 (BraTS 2023)")
+  parser.add_argument("--roi", default="", help="e.g. 96,96,96: note volumes smaller than this")
+  args = parser.parse_args(argv)
+  roi = tuple(int(r) for r in args.roi.split(",")) if args.roi else None
+  return 1 if run_check(args.datalist, args.root, args.workers, args.label_format,
+                        args.et_label, roi) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
