@@ -217,6 +217,51 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
   config.optim.warmup_steps = 1
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Rejects a training config that would fail later with an obscure error.
+
+  Checked before the workdir is touched, so a bad config never disturbs an
+  existing run. Each problem names its config key and value.
+
+  Args:
+    config: a stage config (trainer "pretrain" or "finetune").
+
+  Raises:
+    ValueError: listing every problem found.
+  """
+  from bsf_jax.models import variants
+  problems = []
+  roi = tuple(config.data.roi)
+  multiple = variants.INPUT_MULTIPLE
+  if len(roi) != 3 or any(int(r) <= 0 or int(r) % multiple for r in roi):
+    problems.append(
+        f"config.data.roi={roi}: need 3 positive multiples of {multiple} (the "
+        "patch embedding and 4 patch mergings each halve the crop)")
+  depths, heads = tuple(config.model.depths), tuple(config.model.num_heads)
+  if len(heads) != len(depths):
+    problems.append(f"config.model.num_heads={heads} must have one entry per "
+                    f"stage of config.model.depths={depths}")
+  for i, h in enumerate(heads):
+    # Stage i works at width feature_size * 2**i, split evenly over heads.
+    width = config.model.feature_size * 2**i
+    if h <= 0 or width % h:
+      problems.append(
+          f"config.model.num_heads[{i}]={h} does not divide stage {i}'s width "
+          f"config.model.feature_size * 2**{i} = {width}")
+  batch, samples = config.data.batch_size, config.data.num_samples
+  if samples <= 0 or batch <= 0 or batch % samples:
+    problems.append(f"config.data.batch_size={batch} must be a positive "
+                    f"multiple of config.data.num_samples={samples}")
+  if config.train.nonfinite not in ("skip", "halt"):
+    problems.append(f"config.train.nonfinite={config.train.nonfinite!r}: "
+                    "expected 'skip' or 'halt'")
+  for key in ("num_steps", "log_every", "ckpt_every"):
+    if config.train[key] <= 0:
+      problems.append(f"config.train.{key}={config.train[key]} must be > 0")
+  if problems:
+    raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
   """The resolved config as JSON (written to the workdir for reference)."""
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

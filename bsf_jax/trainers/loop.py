@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from bsf_jax import checkpointing, config_lib, optim, sharding, train_state
+from bsf_jax import checkpointing, config_lib, metric_writers, optim
+from bsf_jax import sharding, train_state
 from bsf_jax import train_step as train_step_lib
 from bsf_jax import transfer
 from bsf_jax.data import pipeline
@@ -144,10 +144,8 @@ def build_model(config: ml_collections.ConfigDict) -> Any:
 def run(config: ml_collections.ConfigDict, workdir: str, job: Job,
         mesh: jax.sharding.Mesh) -> Any:
   """Trains `job` according to `config` on `mesh`; returns the final state."""
-  _write_config(config, workdir)
-  # --- Logging: only process 0 writes summaries; others just log.
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+  # Before anything touches the workdir: a bad config leaves a run intact.
+  config_lib.validate(config)
 
   # --- Data.
   data_sharding = sharding.data_sharding(mesh)
@@ -200,25 +198,38 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job,
     _dry_run(config, mesh, state, train_step, train_iter, data_sharding,
              step_rng)
     return state
-
-  if start == 0 and jax.process_index() == 0:
+  # Only now, after the resume/contract/init_from checks passed: a run that
+  # fails them must not overwrite the config.json of the run it found.
+  _write_config(config, workdir)
+  # --- Logging: only process 0 writes summaries; others just log.
+  writer = metric_writers.MetricWriter(
+      workdir, write_files=jax.process_index() == 0)
+  if start == 0:
     writer.write_hparams(json_clean(_flat(config.to_dict())))
-  report = periodic_actions.ReportProgress(
-      num_train_steps=num_steps, writer=writer,
-      every_steps=config.train.log_every)
+  batch = None
+  if start < num_steps:
+    # Compile once ahead of time so the step's FLOPs are known for MFU; the
+    # compiled executable is then what every step calls.
+    batch = pipeline.to_global_batch(next(train_iter), data_sharding)
+    train_step = train_step.lower(state, batch, step_rng).compile()
+  progress = metric_writers.Progress(
+      num_steps, start, flops_per_step=_flops(train_step),
+      peak_flops=_peak_flops(config.model.dtype))
   preemption = _Preemption()
   pending: list[tuple[int, Any]] = []
   step = start
   try:
     while step < num_steps:
-      batch = pipeline.to_global_batch(next(train_iter), data_sharding)
+      if batch is None:
+        batch = pipeline.to_global_batch(next(train_iter), data_sharding)
       state, metrics = train_step(state, batch, step_rng)
+      batch = None
       step += 1
       pending.append((step, metrics))
-      report(step)
       last = step == num_steps
       if step % config.train.log_every == 0 or last:
         _flush_metrics(writer, pending, config.train.nonfinite, manager)
+        writer.write_scalars(step, progress.report(step))
         pending = []
       stop = preemption.should_stop(
           check_others=step % config.train.log_every == 0)
@@ -235,6 +246,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job,
         writer.write_images(step, job.images(state.params, step))
       if (step % config.train.ckpt_every == 0 or last or stop or
           metrics_for_ckpt is not None):
+        if config.train.nonfinite == "halt" and pending:
+          # Check the unlogged steps first: under "halt" no checkpoint may
+          # contain updates made after a non-finite step.
+          _flush_metrics(writer, pending, config.train.nonfinite, manager)
+          pending = []
         checkpointing.save(manager, step, state, train_iter, meta,
                            metrics=metrics_for_ckpt, force=True)
       if stop:
@@ -244,10 +260,36 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job,
     # Every process joins the final (synchronous) wait, even on errors, so a
     # checkpoint in flight is never left half-written by a clean exit.
     manager.wait_until_finished()
-    writer.flush()
+    writer.close()
     preemption.restore()
   manager.close()
   return state
+
+
+def _flops(compiled) -> float | None:
+  """FLOPs of one step from XLA's cost analysis, when available."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # Not every backend/executable offers it.
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+# Dense matmul peaks per chip (vendor specs), for the console's MFU.
+_PEAK_TFLOPS = {"h100": (989.0, 67.0), "h200": (989.0, 67.0),
+                "a100": (312.0, 19.5), "v100": (125.0, 15.7)}
+
+
+def _peak_flops(dtype: str) -> float | None:
+  kind = jax.devices()[0].device_kind.lower()
+  for name, (bf16, fp32) in _PEAK_TFLOPS.items():
+    if name in kind:
+      peak = bf16 if dtype == "bfloat16" else fp32
+      return peak * 1e12 * jax.device_count()
+  return None
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
