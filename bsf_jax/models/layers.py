@@ -1,0 +1,249 @@
+"""Building blocks shared by the Swin encoder, SwinUNETR and the SSL head.
+
+Everything here mirrors a MONAI/PyTorch layer numerically (channels-last
+NDHWC instead of NCDHW): `Conv3d` (torch `nn.Conv3d`, kernel stored DHWIO),
+`ConvTranspose3d` for kernel == stride (torch `nn.ConvTranspose3d`), the
+parameter-free `instance_norm` (torch `InstanceNorm3d(affine=False)`),
+`layer_norm` (PyTorch eps 1e-5), `DropPath` (MONAI `DropPath`), trilinear x2
+upsampling (torch `F.interpolate(..., align_corners=False)`), and the UNETR
+blocks `UnetResBlock`, `UnetrUpBlock`, `UnetOutBlock`.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# PyTorch's LayerNorm / InstanceNorm epsilon; Flax defaults to 1e-6.
+TORCH_NORM_EPS = 1e-5
+LEAKY_SLOPE = 0.01
+
+
+def torch_conv_init(key, shape, dtype=jnp.float32):
+  """PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+  Args:
+    key: jax PRNG key.
+    shape: kernel shape, last axis = output features, the rest = fan in.
+    dtype: parameter dtype.
+
+  Returns:
+    The initialised kernel.
+  """
+  fan_in = int(np.prod(shape[:-1]))
+  bound = 1.0 / np.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def layer_norm(x: jax.Array, eps: float = TORCH_NORM_EPS) -> jax.Array:
+  """Parameter-free LayerNorm over the last axis (torch `F.layer_norm(x, [C])`)."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def instance_norm(x: jax.Array, eps: float = TORCH_NORM_EPS) -> jax.Array:
+  """InstanceNorm without affine parameters over the spatial axes of NDHWC.
+
+  Matches `torch.nn.InstanceNorm3d(C)` (affine=False, biased variance), which
+  is what MONAI's `norm_name="instance"` and the BSF SSL head use.
+  """
+  x32 = x.astype(jnp.float32)
+  axes = tuple(range(1, x.ndim - 1))
+  mean = jnp.mean(x32, axis=axes, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def leaky_relu(x: jax.Array) -> jax.Array:
+  return nn.leaky_relu(x, negative_slope=LEAKY_SLOPE)
+
+
+def upsample_trilinear_x2(x: jax.Array) -> jax.Array:
+  """x2 trilinear upsampling of NDHWC, exactly torch's `align_corners=False`.
+
+  With half-pixel centres a x2 upsample reads, per axis, output 2k as
+  0.75*x[k] + 0.25*x[k-1] and 2k+1 as 0.75*x[k] + 0.25*x[k+1], clamping the
+  neighbour at the borders (torch clamps negative source coordinates to 0).
+  Written as shifted adds, which XLA fuses; no gather.
+  """
+  for axis in (1, 2, 3):
+    n = x.shape[axis]
+    first = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
+    last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
+    prev = jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis)
+    nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), last], axis)
+    even = 0.75 * x + 0.25 * prev
+    odd = 0.75 * x + 0.25 * nxt
+    y = jnp.stack([even, odd], axis=axis + 1)
+    shape = list(x.shape)
+    shape[axis] = 2 * n
+    x = y.reshape(shape)
+  return x
+
+
+def conv3d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """Cross-correlation of NDHWC `x` with a DHWIO kernel, padding k // 2 (torch `Conv3d`).
+
+  Args:
+    x: (B, D, H, W, C_in).
+    kernel: (k, k, k, C_in, C_out).
+    stride: stride on every spatial axis.
+
+  Returns:
+    (B, D', H', W', C_out).
+  """
+  k = kernel.shape[0]
+  if k == stride:
+    # Non-overlapping patches (patch embedding, 1x1x1): a reshape and a matmul.
+    b, d, h, w, c = x.shape
+    if d % k or h % k or w % k:
+      raise ValueError(f"conv3d kernel=stride={k} needs spatial dims divisible by {k}, got {x.shape}")
+    x = x.reshape(b, d // k, k, h // k, k, w // k, k, c)
+    return jnp.einsum("bxiyjzkc,ijkco->bxyzo", x, kernel)
+  pad = k // 2
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride,) * 3, padding=[(pad, pad)] * 3,
+      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+class Conv3d(nn.Module):
+  """3D convolution on NDHWC with 'same' padding (k // 2), like torch `Conv3d`.
+
+  The kernel is stored DHWIO (param name `kernel`), the bias as `bias`.
+  Kernel == stride (patch embedding) and 1x1x1 kernels run as a matmul.
+  """
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s = self.kernel_size, self.stride
+    in_features = x.shape[-1]
+    kernel = self.param("kernel", torch_conv_init, (k, k, k, in_features, self.features),
+                        self.param_dtype)
+    y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), s)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class ConvTranspose3d(nn.Module):
+  """Transposed 3D conv with kernel == stride (MONAI's 2x2x2 up-sampling).
+
+  Every input voxel writes its own k^3 output block, so it is one matmul plus
+  a reshape. Kernel stored (k, k, k, C_in, C_out); torch stores (C_in, C_out,
+  k, k, k). No bias (MONAI `conv_only=True` with `bias=False`).
+  """
+  features: int
+  kernel_size: int = 2
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    b, d, h, w, c = x.shape
+    kernel = self.param("kernel", torch_conv_init, (k, k, k, c, self.features), self.param_dtype)
+    y = jnp.einsum("bxyzc,ijkco->bxiyjzko", x.astype(self.dtype), kernel.astype(self.dtype))
+    return y.reshape(b, d * k, h * k, w * k, self.features)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth per sample (MONAI `DropPath`, scale_by_keep=True). Rng "dropout"."""
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class UnetResBlock(nn.Module):
+  """MONAI `UnetResBlock` (kernel 3, stride 1, InstanceNorm, LeakyReLU 0.01).
+
+  conv1 -> norm -> lrelu -> conv2 -> norm, plus a 1x1x1 conv3 + norm on the
+  residual when channels change, then lrelu. Convs have no bias (MONAI).
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    conv = lambda k, name: Conv3d(self.features, k, use_bias=False, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name=name)
+    y = leaky_relu(instance_norm(conv(3, "conv1")(x)))
+    y = instance_norm(conv(3, "conv2")(y))
+    residual = x
+    if x.shape[-1] != self.features:
+      residual = instance_norm(conv(1, "conv3")(x))
+    return leaky_relu(y + residual)
+
+
+def _maybe_remat(module_cls, remat: bool):
+  return nn.remat(module_cls) if remat else module_cls
+
+
+class UnetrBasicBlock(nn.Module):
+  """MONAI `UnetrBasicBlock(res_block=True)`: a `UnetResBlock` named `layer`."""
+  features: int
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    block = _maybe_remat(UnetResBlock, self.remat)
+    return block(self.features, self.dtype, self.param_dtype, name="layer")(x)
+
+
+class UnetrUpBlock(nn.Module):
+  """MONAI `UnetrUpBlock(res_block=True)`: 2x2x2 transposed conv, concat skip, res block."""
+  features: int
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
+    up = ConvTranspose3d(self.features, 2, self.dtype, self.param_dtype, name="transp_conv")(x)
+    y = jnp.concatenate([up, skip.astype(up.dtype)], axis=-1)
+    block = _maybe_remat(UnetResBlock, self.remat)
+    return block(self.features, self.dtype, self.param_dtype, name="conv_block")(y)
+
+
+class UnetOutBlock(nn.Module):
+  """MONAI `UnetOutBlock`: 1x1x1 conv with bias, stored as `conv`."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return Conv3d(self.features, 1, use_bias=True, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name="conv")(x)
+
+
+def as_tuple3(v: int | Sequence[int]) -> tuple[int, int, int]:
+  """An int or a 3-sequence as a 3-tuple of ints."""
+  if isinstance(v, int):
+    return (v, v, v)
+  t = tuple(int(i) for i in v)
+  if len(t) != 3:
+    raise ValueError(f"expected an int or 3 ints, got {v!r}")
+  return t

@@ -1,0 +1,103 @@
+"""BrainSegFounder / Swin-UNETR SSL head: rotation, contrastive and reconstruction outputs.
+
+Equal to the reference PyTorch `SSLHead` with upsample="vae" (see
+`bsf_jax/reference/ssl_head.py`): on the normalised bottleneck hidden state
+(16 * feature_size channels, 768 at feature 48) flattened to tokens,
+rotation = Linear(dim, 4)(token 0), contrastive = Linear(dim, 512)(token 1),
+reconstruction = 5 x [Conv3d 3^3 -> InstanceNorm -> LeakyReLU -> trilinear x2]
+then a 1x1x1 conv back to `in_channels`. Conv module names `conv_0 .. conv_20`
+are the indices of the reference `nn.Sequential`.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bsf_jax.models import layers
+from bsf_jax.models.swin import SwinTransformer
+from bsf_jax.models.variants import check_input_size
+
+Dtype = Any
+
+# Index of each Conv3d in the reference "vae" nn.Sequential (4 modules per stage).
+VAE_CONV_INDICES = (0, 4, 8, 12, 16, 20)
+
+
+class SSLHead(nn.Module):
+  """Swin encoder + SSL heads.
+
+  Attributes:
+    in_channels: input channels (also the reconstruction's channels).
+    feature_size, depths, num_heads, window_size, patch_size, mlp_ratio, qkv_bias,
+    drop_rate, attn_drop_rate, dropout_path_rate: encoder settings as in `SwinTransformer`.
+    upsample: reconstruction decoder; only "vae" (the BSF default) is implemented.
+    rotation_classes: rotation logits (4: 0/90/180/270 degrees).
+    contrastive_dim: contrastive embedding size (512).
+    remat: rematerialise Swin blocks and decoder stages.
+    dtype: compute dtype; param_dtype: parameter dtype.
+  """
+  in_channels: int
+  feature_size: int = 48
+  depths: Sequence[int] = (2, 2, 2, 2)
+  num_heads: Sequence[int] = (3, 6, 12, 24)
+  window_size: int | Sequence[int] = 7
+  patch_size: int = 2
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  dropout_path_rate: float = 0.0
+  upsample: str = "vae"
+  rotation_classes: int = 4
+  contrastive_dim: int = 512
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True):
+    """x: (B, H, W, D, C) -> (rotation [B, 4], contrastive [B, 512], reconstruction [B, H, W, D, C])."""
+    if self.upsample != "vae":
+      raise ValueError(f"SSLHead upsample={self.upsample!r} is not implemented; use 'vae'")
+    check_input_size(x.shape[1:4], self.patch_size)
+    hs = SwinTransformer(
+        self.in_channels, self.feature_size, self.depths, self.num_heads, self.window_size,
+        self.patch_size, self.mlp_ratio, self.qkv_bias, self.drop_rate, self.attn_drop_rate,
+        self.dropout_path_rate, True, self.remat, self.dtype, self.param_dtype,
+        name="swinViT")(x, deterministic)
+    bottleneck = hs[4]
+    b, dim = bottleneck.shape[0], bottleneck.shape[-1]
+    tokens = bottleneck.reshape(b, -1, dim)
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    rotation = dense(self.rotation_classes, "rotation_head")(tokens[:, 0])
+    contrastive = dense(self.contrastive_dim, "contrastive_head")(tokens[:, 1])
+
+    stage = nn.remat(_VaeStage) if self.remat else _VaeStage
+    y = bottleneck
+    widths = (dim // 2, dim // 4, dim // 8, dim // 16, dim // 16)
+    for idx, width in zip(VAE_CONV_INDICES, widths):
+      y = stage(width, self.dtype, self.param_dtype, name=f"conv_{idx}")(y)
+    rec = layers.Conv3d(self.in_channels, 1, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name=f"conv_{VAE_CONV_INDICES[-1]}")(y)
+    return rotation, contrastive, rec
+
+
+class _VaeStage(nn.Module):
+  """Conv3d 3^3 (with bias) -> InstanceNorm -> LeakyReLU(0.01) -> trilinear x2.
+
+  The module's own params are the conv's (`kernel`, `bias`), so the name
+  `conv_<i>` maps straight to the reference's `conv.<i>.weight/bias`.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", layers.torch_conv_init, (3, 3, 3, x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    y = layers.conv3d(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return layers.upsample_trilinear_x2(layers.leaky_relu(layers.instance_norm(y)))

@@ -1,0 +1,326 @@
+"""3D Swin Transformer encoder, numerically equal to MONAI's `SwinTransformer`.
+
+MONAI reference: `monai/networks/nets/swin_unetr.py` (v1 "merging"
+downsampling, `use_v2=False`). Input is channels-last (B, H, W, D, C) with the
+spatial axes in MONAI's order. Module names mirror MONAI attribute names
+(`patch_embed/proj`, `layers1/blocks_0/attn/qkv`, `layers1/downsample/reduction`)
+so `bsf_jax.convert` is a mechanical name table plus transposes.
+
+Static geometry (window shrinking, padding, shift masks, relative position
+index) is computed in NumPy at trace time from the input shape.
+"""
+
+import functools
+import itertools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bsf_jax.models import layers
+
+Dtype = Any
+MASK_VALUE = -100.0  # MONAI's value for cross-region pairs in shifted windows.
+
+
+def get_window_size(dims, window_size, shift_size):
+  """MONAI `get_window_size`: a dim not larger than the window shrinks it and drops its shift."""
+  window, shift = list(window_size), list(shift_size)
+  for i, n in enumerate(dims):
+    if n <= window_size[i]:
+      window[i] = n
+      shift[i] = 0
+  return tuple(window), tuple(shift)
+
+
+def window_partition(x, window):
+  """(B, D, H, W, C) -> (B * nW, prod(window), C); windows in row-major grid order."""
+  b, d, h, w, c = x.shape
+  x = x.reshape(b, d // window[0], window[0], h // window[1], window[1], w // window[2], window[2], c)
+  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+  return x.reshape(-1, window[0] * window[1] * window[2], c)
+
+
+def window_reverse(windows, window, dims):
+  """Inverse of `window_partition` for padded spatial dims (B, D, H, W)."""
+  b, d, h, w = dims
+  x = windows.reshape(b, d // window[0], h // window[1], w // window[2], *window, -1)
+  x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return x.reshape(b, d, h, w, -1)
+
+
+def relative_position_index(window_size) -> np.ndarray:
+  """MONAI's `relative_position_index` buffer, (n, n) int64 with n = prod(window)."""
+  w = window_size
+  coords = np.stack(np.meshgrid(*[np.arange(i) for i in w], indexing="ij")).reshape(3, -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+  rel = rel + np.array([i - 1 for i in w])
+  rel = rel * np.array([(2 * w[1] - 1) * (2 * w[2] - 1), 2 * w[2] - 1, 1])
+  return rel.sum(-1).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _axis_offsets(w: int) -> np.ndarray:
+  """One-hot (2w-1, w, w): entry [i - j + w - 1, i, j] = 1."""
+  a = np.zeros((2 * w - 1, w, w), np.float32)
+  i, j = np.meshgrid(np.arange(w), np.arange(w), indexing="ij")
+  a[i - j + w - 1, i, j] = 1.0
+  return a
+
+
+def relative_position_bias(table: jax.Array, window_size) -> jax.Array:
+  """`table[relative_position_index]` as (heads, n, n), n = prod(window_size).
+
+  The index is separable per axis (row = dz*(2w1-1)(2w2-1) + dy*(2w2-1) + dx),
+  so the lookup is three small one-hot contractions. Unlike a gather, whose
+  gradient is a slow scatter-add on CPU, its gradient is three more einsums.
+  """
+  w0, w1, w2 = window_size
+  t = table.reshape(2 * w0 - 1, 2 * w1 - 1, 2 * w2 - 1, -1)
+  a0, a1, a2 = (jnp.asarray(_axis_offsets(w), table.dtype) for w in window_size)
+  # One axis at a time keeps every intermediate small (a single 4-operand
+  # einsum may materialise the outer product of the one-hots).
+  t = jnp.einsum("cmn,abch->abmnh", a2, t)
+  t = jnp.einsum("bkl,abmnh->akmlnh", a1, t)
+  bias = jnp.einsum("aij,akmlnh->hikmjln", a0, t)
+  n = w0 * w1 * w2
+  return bias.reshape(-1, n, n)
+
+
+@functools.lru_cache(maxsize=None)
+def compute_mask(dims, window, shift) -> np.ndarray:
+  """MONAI `compute_mask`: (nW, n, n) additive mask, -100 across shifted regions."""
+  img = np.zeros((1, *dims, 1), np.float32)
+  cnt = 0
+  slices = [(slice(-w), slice(-w, -s), slice(-s, None)) for w, s in zip(window, shift)]
+  for d, h, w in itertools.product(*slices):
+    img[:, d, h, w, :] = cnt
+    cnt += 1
+  mw = window_partition(img, window)[..., 0]
+  diff = mw[:, None, :] - mw[:, :, None]
+  return np.where(diff != 0, MASK_VALUE, 0.0).astype(np.float32)
+
+
+class WindowAttention(nn.Module):
+  """Window multi-head self-attention with a learned relative position bias."""
+  dim: int
+  num_heads: int
+  window_size: tuple[int, int, int]
+  qkv_bias: bool = True
+  attn_drop: float = 0.0
+  proj_drop: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, window, mask, deterministic: bool = True):
+    """x: (B*nW, n, C) windows of shape `window`; mask: (nW, n, n) or None."""
+    bw, n, c = x.shape
+    heads = self.num_heads
+    hd = c // heads
+    rows = int(np.prod([2 * w - 1 for w in self.window_size]))
+    table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
+                       (rows, heads), self.param_dtype)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                              kernel_init=nn.initializers.truncated_normal(0.02))
+    qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv")(x).reshape(bw, n, 3, heads, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = q * (hd ** -0.5)
+    attn = jnp.einsum("bnhd,bmhd->bhnm", q, k)
+    # MONAI slices the full window's index with [:n, :n] even when the window
+    # shrank (small feature maps); slicing the full bias reproduces that.
+    bias = relative_position_bias(table, self.window_size)[:, :n, :n]
+    attn = attn.astype(jnp.float32) + bias.astype(jnp.float32)
+    if mask is not None:
+      nw = mask.shape[0]
+      attn = attn.reshape(bw // nw, nw, heads, n, n) + jnp.asarray(mask)[None, :, None]
+      attn = attn.reshape(bw, heads, n, n)
+    attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype)
+    attn = nn.Dropout(self.attn_drop)(attn, deterministic=deterministic)
+    y = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(bw, n, c)
+    y = dense(c, name="proj")(y)
+    return nn.Dropout(self.proj_drop)(y, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+  """MONAI `MLPBlock` (dropout_mode="swin"): linear1 -> exact GELU -> drop -> linear2 -> drop."""
+  dim: int
+  hidden: int
+  drop: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                              kernel_init=nn.initializers.truncated_normal(0.02))
+    x = nn.gelu(dense(self.hidden, name="linear1")(x), approximate=False)
+    x = nn.Dropout(self.drop)(x, deterministic=deterministic)
+    x = dense(self.dim, name="linear2")(x)
+    return nn.Dropout(self.drop)(x, deterministic=deterministic)
+
+
+def _norm(name, dtype, param_dtype):
+  return nn.LayerNorm(epsilon=layers.TORCH_NORM_EPS, use_fast_variance=False, dtype=dtype,
+                      param_dtype=param_dtype, name=name)
+
+
+class SwinBlock(nn.Module):
+  """MONAI `SwinTransformerBlock` on (B, D, H, W, C)."""
+  dim: int
+  num_heads: int
+  window_size: tuple[int, int, int]
+  shift_size: tuple[int, int, int]
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop: float = 0.0
+  attn_drop: float = 0.0
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    b, d, h, w, c = x.shape
+    window, shift = get_window_size((d, h, w), self.window_size, self.shift_size)
+    shortcut = x
+    y = _norm("norm1", self.dtype, self.param_dtype)(x)
+    # Zero-pad after the norm, as MONAI does; padded tokens take part in attention.
+    pads = [(-n) % wn for n, wn in zip((d, h, w), window)]
+    y = jnp.pad(y, ((0, 0), (0, pads[0]), (0, pads[1]), (0, pads[2]), (0, 0)))
+    dims = (d + pads[0], h + pads[1], w + pads[2])
+    shifted = any(s > 0 for s in shift)
+    mask = None
+    if shifted:
+      y = jnp.roll(y, shift=tuple(-s for s in shift), axis=(1, 2, 3))
+      mask = compute_mask(dims, window, shift)
+    attn = WindowAttention(self.dim, self.num_heads, self.window_size, self.qkv_bias,
+                           self.attn_drop, self.drop, self.dtype, self.param_dtype, name="attn")
+    y = attn(window_partition(y, window), window, mask, deterministic)
+    y = window_reverse(y, window, (b, *dims))
+    if shifted:
+      y = jnp.roll(y, shift=shift, axis=(1, 2, 3))
+    y = y[:, :d, :h, :w, :]
+    drop_path = layers.DropPath(self.drop_path)
+    x = shortcut + drop_path(y, deterministic)
+    y = _norm("norm2", self.dtype, self.param_dtype)(x)
+    y = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.param_dtype,
+            name="mlp")(y, deterministic)
+    return x + drop_path(y, deterministic)
+
+
+class PatchMerging(nn.Module):
+  """MONAI v1 `PatchMerging`: concat 8 neighbours in MONAI's order, LayerNorm(8C), Linear(8C->2C)."""
+  dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  # (d, h, w) offsets in the order of MONAI's x0..x7.
+  OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
+
+  @nn.compact
+  def __call__(self, x):
+    _, d, h, w, _ = x.shape
+    x = jnp.pad(x, ((0, 0), (0, d % 2), (0, h % 2), (0, w % 2), (0, 0)))
+    x = jnp.concatenate([x[:, i::2, j::2, k::2, :] for i, j, k in self.OFFSETS], axis=-1)
+    x = _norm("norm", self.dtype, self.param_dtype)(x)
+    return nn.Dense(2 * self.dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=nn.initializers.truncated_normal(0.02), name="reduction")(x)
+
+
+class BasicLayer(nn.Module):
+  """One Swin stage (MONAI `BasicLayer`): blocks with alternating shift, then patch merging."""
+  dim: int
+  depth: int
+  num_heads: int
+  window_size: tuple[int, int, int]
+  drop_path: Sequence[float]
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop: float = 0.0
+  attn_drop: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    shift = tuple(i // 2 for i in self.window_size)
+    block_cls = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
+    for i in range(self.depth):
+      x = block_cls(self.dim, self.num_heads, self.window_size, (0, 0, 0) if i % 2 == 0 else shift,
+                    self.mlp_ratio, self.qkv_bias, self.drop, self.attn_drop, self.drop_path[i],
+                    self.dtype, self.param_dtype, name=f"blocks_{i}")(x, deterministic)
+    return PatchMerging(self.dim, self.dtype, self.param_dtype, name="downsample")(x)
+
+
+class SwinTransformer(nn.Module):
+  """MONAI `SwinTransformer` (3D, v1 merging). Returns the 5 hidden states.
+
+  Attributes:
+    in_channels: input channels.
+    feature_size: embedding dim of stage 1 (MONAI `embed_dim`); stage i has feature_size * 2^i.
+    depths: Swin blocks per stage (4 stages).
+    num_heads: attention heads per stage.
+    window_size: attention window (int or 3 ints).
+    patch_size: patch embedding kernel/stride.
+    mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dropout_path_rate: as in MONAI.
+    normalize: apply the parameter-free LayerNorm to each hidden state (MONAI `normalize`).
+    remat: rematerialise each Swin block in the backward pass.
+    dtype: compute dtype; param_dtype: parameter dtype.
+  """
+  in_channels: int
+  feature_size: int = 48
+  depths: Sequence[int] = (2, 2, 2, 2)
+  num_heads: Sequence[int] = (3, 6, 12, 24)
+  window_size: int | Sequence[int] = 7
+  patch_size: int = 2
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  dropout_path_rate: float = 0.0
+  normalize: bool = True
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True) -> list[jax.Array]:
+    """x: (B, H, W, D, in_channels) -> list of 5 (B, h_i, w_i, d_i, feature_size * 2^i)."""
+    if len(self.depths) != 4 or len(self.num_heads) != 4:
+      raise ValueError(f"SwinTransformer has 4 stages: got depths={tuple(self.depths)}, "
+                       f"num_heads={tuple(self.num_heads)}")
+    if x.ndim != 5 or x.shape[-1] != self.in_channels:
+      raise ValueError(f"expected input (B, H, W, D, {self.in_channels}), got {x.shape}")
+    window = layers.as_tuple3(self.window_size)
+    proj_out = layers.layer_norm if self.normalize else (lambda t: t)
+    x = _PatchEmbed(self.feature_size, self.patch_size, self.dtype, self.param_dtype,
+                    name="patch_embed")(x)
+    x = nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
+    hidden = [proj_out(x)]
+    # Stochastic depth grows linearly over all blocks (MONAI `dpr`).
+    dpr = np.linspace(0.0, self.dropout_path_rate, sum(self.depths)).tolist()
+    start = 0
+    for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+      x = BasicLayer(self.feature_size * 2 ** i, depth, heads, window, tuple(dpr[start:start + depth]),
+                     self.mlp_ratio, self.qkv_bias, self.drop_rate, self.attn_drop_rate, self.remat,
+                     self.dtype, self.param_dtype, name=f"layers{i + 1}")(x, deterministic)
+      start += depth
+      hidden.append(proj_out(x))
+    return hidden
+
+
+class _PatchEmbed(nn.Module):
+  """MONAI `PatchEmbed` without norm: Conv3d(kernel=stride=patch_size) named `proj`."""
+  features: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return layers.Conv3d(self.features, self.patch_size, self.patch_size, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="proj")(x)
