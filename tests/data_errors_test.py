@@ -80,8 +80,8 @@ def _cfg(**kw):
 def test_bad_record_raises_data_error_naming_file(bad_records, case):
   record, expected = bad_records[case]
   spec = pipeline._Spec.from_config(_cfg(), "seg")
-  with pytest.raises(DataError) as info:
-    pipeline.load_record(record, spec)
+  with pytest.raises(DataError) as info:  # load + crop of one record
+    pipeline.TrainTransform(spec, augment=True).random_map(record, np.random.default_rng(0))
   msg = str(info.value)
   assert expected in msg
   assert any(p in msg for p in record["image"] + [record["label"]]), msg

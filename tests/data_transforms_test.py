@@ -76,7 +76,7 @@ def test_fused_crop_region_matches_reference_chain(volume):
   ])
   ref = _cl(chain(_cf(volume)))
   inten = T.Intensity("ct_window", -1000, 1000)
-  start, size = T.crop_region(inten.foreground(volume), roi)
+  start, size = T.crop_region(volume, inten.foreground_threshold, roi)
   ours = inten.apply(T.crop_with_fill(volume, start, size, fill=-1000.0), ())
   np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
   # Random crops are windows of that region, as RandSpatialCropSamples draws.

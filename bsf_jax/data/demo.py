@@ -320,7 +320,8 @@ def _write_json(path, data):
 
 
 def write_demo_cohort(out: str, subjects: int = DEFAULT_SUBJECTS, seed: int = 0,
-                      small: bool = False, workers: int = 0) -> dict:
+                      small: bool = False, workers: int = 0,
+                      datasets=("ukb", "brats", "atlas")) -> dict:
   """Writes the three demo datasets under `out`.
 
   Args:
@@ -329,17 +330,21 @@ def write_demo_cohort(out: str, subjects: int = DEFAULT_SUBJECTS, seed: int = 0,
     seed: cohort seed.
     small: downsample grids by 3 for fast tests.
     workers: generator processes (0: min(2, cpus); 1: in this process).
+    datasets: which of "ukb", "brats", "atlas" to write.
 
   Returns:
     {"ukb": {"root", "datalist", "subjects": [paths]}, "brats": {"root",
-    "datalist", ...}, "atlas": {"root", "subjects"}}.
+    "datalist", ...}, "atlas": {"root", "subjects"}} for the written datasets.
   """
   if subjects < 1:
     raise ValueError(f"subjects={subjects}; need at least 1")
-  roots = {d: os.path.join(out, d) for d in _DATASET_CODE}
-  jobs = [(d, i) for d in _DATASET_CODE for i in range(subjects)]
+  unknown = set(datasets) - set(_DATASET_CODE)
+  if unknown:
+    raise ValueError(f"datasets {sorted(unknown)} unknown; choose from {tuple(_DATASET_CODE)}")
+  roots = {d: os.path.join(out, d) for d in datasets}
+  jobs = [(d, i) for d in datasets for i in range(subjects)]
   workers = workers or min(2, os.cpu_count() or 1)
-  for d in _DATASET_CODE:  # Built once here; forked workers inherit the cache.
+  for d in datasets:  # Built once here; forked workers inherit the cache.
     _maps_on_grid(d, small)
   if workers == 1:
     results = [_subject(roots[d], d, i, seed, small) for d, i in jobs]
@@ -347,22 +352,26 @@ def write_demo_cohort(out: str, subjects: int = DEFAULT_SUBJECTS, seed: int = 0,
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
       results = list(pool.map(_subject, [roots[d] for d, _ in jobs], *zip(*jobs),
                               [seed] * len(jobs), [small] * len(jobs)))
-  by = {d: [r for (dd, _), r in zip(jobs, results) if dd == d] for d in _DATASET_CODE}
+  by = {d: [r for (dd, _), r in zip(jobs, results) if dd == d] for d in datasets}
   rel = lambda p, d: os.path.relpath(p, roots[d])
-  ukb = [{"image": [rel(s["t1"], "ukb"), rel(s["flair"], "ukb")]} for s in by["ukb"]]
-  n_val = max(1, subjects // 5) if subjects > 1 else 0
-  ukb_json = _write_json(os.path.join(roots["ukb"], "ukb_datalist.json"),
-                         {"training": ukb[:subjects - n_val], "validation": ukb[subjects - n_val:]})
-  folds = np.random.default_rng([seed, 99]).permutation(subjects) % 5
-  brats = [{"fold": int(k), "label": rel(s["seg"], "brats"),
-            "image": [rel(s[m], "brats") for m in ("flair", "t1ce", "t1", "t2")]}
-           for k, s in zip(folds, by["brats"])]
-  brats_json = _write_json(os.path.join(roots["brats"], "brats21_folds.json"), {"training": brats})
-  _write_json(os.path.join(roots["atlas"], "Training", "dataset_description.json"),
-              {"Name": "bsf_jax demo ATLAS-like cohort", "BIDSVersion": "1.6.0"})
-  return {"ukb": {"root": roots["ukb"], "datalist": ukb_json, "subjects": by["ukb"]},
-          "brats": {"root": roots["brats"], "datalist": brats_json, "subjects": by["brats"]},
-          "atlas": {"root": roots["atlas"], "subjects": by["atlas"]}}
+  out_paths = {d: {"root": roots[d], "subjects": by[d]} for d in datasets}
+  if "ukb" in datasets:
+    ukb = [{"image": [rel(s["t1"], "ukb"), rel(s["flair"], "ukb")]} for s in by["ukb"]]
+    n_val = max(1, subjects // 5) if subjects > 1 else 0
+    out_paths["ukb"]["datalist"] = _write_json(
+        os.path.join(roots["ukb"], "ukb_datalist.json"),
+        {"training": ukb[:subjects - n_val], "validation": ukb[subjects - n_val:]})
+  if "brats" in datasets:
+    folds = np.random.default_rng([seed, 99]).permutation(subjects) % 5
+    brats = [{"fold": int(k), "label": rel(s["seg"], "brats"),
+              "image": [rel(s[m], "brats") for m in ("flair", "t1ce", "t1", "t2")]}
+             for k, s in zip(folds, by["brats"])]
+    out_paths["brats"]["datalist"] = _write_json(
+        os.path.join(roots["brats"], "brats21_folds.json"), {"training": brats})
+  if "atlas" in datasets:
+    _write_json(os.path.join(roots["atlas"], "Training", "dataset_description.json"),
+                {"Name": "bsf_jax demo ATLAS-like cohort", "BIDSVersion": "1.6.0"})
+  return out_paths
 
 
 def main(argv=None) -> int:
@@ -372,11 +381,13 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--small", action="store_true", help=f"grids / {SMALL_FACTOR} for tests")
   parser.add_argument("--workers", type=int, default=0, help="processes (0: min(2, cpus))")
+  parser.add_argument("--datasets", default="ukb,brats,atlas", help="comma-separated subset")
   args = parser.parse_args(argv)
+  datasets = tuple(args.datasets.split(","))
   t0 = time.time()
-  paths = write_demo_cohort(args.out, args.subjects, args.seed, args.small, args.workers)
-  print(f"wrote {3 * args.subjects} subjects to {args.out} in {time.time() - t0:.1f}s: "
-        f"{paths['ukb']['datalist']}, {paths['brats']['datalist']}, {paths['atlas']['root']}")
+  paths = write_demo_cohort(args.out, args.subjects, args.seed, args.small, args.workers, datasets)
+  print(f"wrote {len(datasets) * args.subjects} subjects to {args.out} in "
+        f"{time.time() - t0:.1f}s: " + ", ".join(p.get("datalist", p["root"]) for p in paths.values()))
   return 0
 
 

@@ -130,7 +130,9 @@ def load_record(record: dict, spec: _Spec):
   """Reads and checks one record.
 
   Returns:
-    (image float32 (H, W, D, C) raw RAS, label (H, W, D) or None, affine).
+    (channels: C float32 (H, W, D) raw RAS arrays, label (H, W, D) or None,
+    affine). Channels stay separate so training crops them without first
+    copying the whole volume into one (H, W, D, C) array.
 
   Raises:
     DataError naming the file and the problem.
@@ -140,20 +142,18 @@ def load_record(record: dict, spec: _Spec):
     if v.data.shape != vols[0].data.shape:
       raise DataError(f"{v.path}: shape {v.data.shape} differs from "
                       f"{vols[0].path} {vols[0].data.shape} (modalities of one subject)")
-  image = np.stack([v.data for v in vols], axis=-1)
+  shape = vols[0].data.shape
   label = None
   if spec.label_format != "none":
     if not record.get("label"):
       raise DataError(f"{record['image'][0]}: record {record['id']} has no label")
     lab = io.read_volume(record["label"], cache_dir=spec.cache_dir)
-    if lab.data.shape != image.shape[:3]:
+    if lab.data.shape != shape:
       raise DataError(f"{lab.path}: label shape {lab.data.shape} differs from "
-                      f"image {vols[0].path} {image.shape[:3]}")
+                      f"image {vols[0].path} {shape}")
     T.check_label_values(lab.data, spec.label_format, lab.path, spec.et_label)
     label = lab.data
-  if not np.any(spec.intensity.foreground(image)):
-    raise DataError(f"{record['image'][0]}: volume has no foreground voxels")
-  return image, label, vols[0].affine
+  return [v.data for v in vols], label, vols[0].affine
 
 
 def _guard(spec, record, fn, *args):
@@ -169,18 +169,19 @@ def _guard(spec, record, fn, *args):
     return None
 
 
-def make_crops(image, label, rng, spec: _Spec, augment: bool):
+def make_crops(chans, label, rng, spec: _Spec, augment: bool):
   """`num_samples` roi crops (+ labels) of one volume, intensity-normalised.
 
   The same voxels as the reference chain [intensity, SpatialPad(roi),
   CropForeground(k_divisible=roi), RandSpatialCropSamples(roi)], then for
   segmentation RandFlip x3 and RandScale/ShiftIntensity when `augment`.
   """
-  params = spec.intensity.fit(image)
-  start, size = T.crop_region(spec.intensity.foreground(image), spec.roi)
+  params = spec.intensity.fit(chans)
+  start, size = T.crop_region(chans, spec.intensity.foreground_threshold, spec.roi)
   out = {"image": [], "label": []}
   for corner in T.random_crop_starts(rng, start, size, spec.roi, spec.num_samples):
-    img = spec.intensity.apply(T.crop_with_fill(image, corner, spec.roi, spec.raw_fill), params)
+    img = np.stack([T.crop_with_fill(c, corner, spec.roi, spec.raw_fill) for c in chans], -1)
+    img = spec.intensity.apply(img, params)
     lab = None if label is None else T.crop_with_fill(label, corner, spec.roi, 0)
     if augment:
       flipped = T.rand_flip(rng, [img] if lab is None else [img, lab])
@@ -200,11 +201,11 @@ class TrainTransform(grain.transforms.RandomMap):
 
   def random_map(self, record, rng):
     def run():
-      image, label, _ = load_record(record, self.spec)
+      chans, label, _ = load_record(record, self.spec)
       try:
-        return make_crops(image, label, rng, self.spec, self.augment)
-      except DataError as e:
-        raise DataError(f"{record['image'][0]}: {e}") from e
+        return make_crops(chans, label, rng, self.spec, self.augment)
+      except DataError as e:  # e.g. no foreground: name the record's files
+        raise DataError(f"{', '.join(record['image'])}: {e}") from e
     return _guard(self.spec, record, run)
 
 
@@ -303,14 +304,15 @@ class EvalTransform(grain.transforms.RandomMap):
       return self._placeholder(c)
 
     def run():
-      image, label, affine = load_record(record, self.spec)
+      chans, label, affine = load_record(record, self.spec)
       if self.task == "ssl":
         try:
-          out = make_crops(image, None, rng, self.spec, augment=False)
+          out = make_crops(chans, None, rng, self.spec, augment=False)
         except DataError as e:
           raise DataError(f"{record['image'][0]}: {e}") from e
         return {**out, "mask": np.ones(self.spec.num_samples, bool)}
-      return {"image": self.spec.intensity.apply(image, self.spec.intensity.fit(image)),
+      image = np.stack(chans, axis=-1)
+      return {"image": self.spec.intensity.apply(image, self.spec.intensity.fit(chans)),
               "label": T.convert_label(label, self.spec.label_format, self.spec.et_label),
               "raw_label": label.astype(np.int16), "affine": affine,
               "path": record["image"][0], "label_path": record["label"],

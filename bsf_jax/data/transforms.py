@@ -35,14 +35,25 @@ def scale_intensity_range(x, a_min, a_max, b_min=0.0, b_max=1.0, clip=True):
   return np.clip(out, b_min, b_max) if clip else out
 
 
+def channels(x) -> list:
+  """A (..., C) array or a list of per-channel arrays -> list of channels."""
+  if isinstance(x, (list, tuple)):
+    return list(x)
+  return [x[..., i] for i in range(x.shape[-1])]
+
+
 def nonzero_stats(x) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel mean and population std over the non-zero voxels of x."""
-  c = x.shape[-1]
-  flat = np.asarray(x, np.float32).reshape(-1, c)
+  """Per-channel mean and population std over the non-zero voxels of x.
+
+  Args:
+    x: (..., C) array or list of C per-channel arrays.
+  """
+  chans = channels(x)
+  c = len(chans)
   mean = np.zeros(c, np.float32)
   std = np.ones(c, np.float32)
-  for i in range(c):
-    v = flat[:, i]
+  for i, v in enumerate(chans):
+    v = np.asarray(v, np.float32)
     v = v[v != 0]
     if v.size:
       mean[i] = v.mean(dtype=np.float64)
@@ -70,12 +81,12 @@ def normalize_nonzero(x, mean=None, std=None):
 
 def percentile_stats(x, lower=0.5, upper=99.5):
   """Per-channel lower/upper percentiles over the non-zero voxels of x."""
-  c = x.shape[-1]
-  flat = np.asarray(x).reshape(-1, c)
+  chans = channels(x)
+  c = len(chans)
   lo = np.zeros(c, np.float32)
   hi = np.ones(c, np.float32)
-  for i in range(c):
-    v = flat[:, i]
+  for i, v in enumerate(chans):
+    v = np.asarray(v)
     v = v[v != 0]
     if v.size:
       lo[i], hi[i] = np.percentile(v, [lower, upper])
@@ -122,15 +133,15 @@ class Intensity:
     out = np.clip((x - lo) / (hi - lo), 0, 1)
     return np.where(x != 0, out, np.float32(0)).astype(np.float32)
 
-  def foreground(self, volume) -> np.ndarray:
-    """Boolean (H, W, D) foreground mask used by CropForeground.
+  @property
+  def foreground_threshold(self) -> float:
+    """Raw value above which a voxel is foreground for CropForeground.
 
     For "ct_window" this is MONAI's `x > 0` evaluated *after* the window (the
     reference order), i.e. raw > a_min. For the MRI schemes it is raw > 0,
     evaluated before normalisation as in the BraTS reference chain.
     """
-    thr = self.a_min if self.kind == "ct_window" else 0.0
-    return np.any(np.asarray(volume) > thr, axis=-1)
+    return self.a_min if self.kind == "ct_window" else 0.0
 
   def spec(self) -> dict:
     spec = {"kind": self.kind}
@@ -162,10 +173,32 @@ def foreground_box(mask: np.ndarray, k_divisible: Sequence[int] = (1, 1, 1)):
   Raises:
     DataError: the mask is empty (an all-background volume).
   """
+  projections = [np.any(mask, axis=tuple(b for b in range(3) if b != a)) for a in range(3)]
+  return _box_from_projections(projections, k_divisible)
+
+
+def foreground_box_of(volume, threshold, k_divisible=(1, 1, 1)):
+  """`foreground_box(any(volume > threshold, channels), k)` without the mask.
+
+  A plane holds a foreground voxel iff its maximum exceeds the threshold, so
+  per-channel max-projections give the same box as MONAI's boolean mask at a
+  fraction of the memory traffic (and no reduction over the short channel axis).
+
+  Args:
+    volume: (H, W, D, C) array or list of C (H, W, D) arrays.
+  """
+  proj = None
+  for v in channels(volume):
+    m2 = v.max(axis=2)
+    p = (m2.max(axis=1), m2.max(axis=0), v.max(axis=(0, 1)))
+    proj = p if proj is None else tuple(np.maximum(a, b) for a, b in zip(proj, p))
+  return _box_from_projections([p > threshold for p in proj], k_divisible)
+
+
+def _box_from_projections(projections, k_divisible):
   start, end = [], []
-  for axis in range(3):
-    other = tuple(a for a in range(3) if a != axis)
-    idx = np.flatnonzero(np.any(mask, axis=other))
+  for p in projections:
+    idx = np.flatnonzero(p)
     if idx.size == 0:
       raise DataError("volume has no foreground voxels (empty image)")
     start.append(idx[0])
@@ -201,7 +234,7 @@ def crop_foreground(x, k_divisible=(1, 1, 1), threshold=0.0):
   return crop_with_fill(x, start, size, 0.0)
 
 
-def crop_region(fg_mask, roi):
+def crop_region(volume, threshold, roi):
   """The region random crops are drawn from, as the reference chain builds it.
 
   Reference: SpatialPad(roi) then CropForeground(k_divisible=roi). Padding adds
@@ -210,13 +243,14 @@ def crop_region(fg_mask, roi):
   region; its size is a multiple of roi, hence >= roi, so no pad is needed.
 
   Args:
-    fg_mask: (H, W, D) foreground of the raw volume.
+    volume: (H, W, D, C) raw volume or list of C (H, W, D) channels.
+    threshold: foreground is any channel > threshold (`Intensity.foreground_threshold`).
     roi: crop size.
 
   Returns:
     (start, size) in raw voxel coordinates (start may be negative).
   """
-  return foreground_box(fg_mask, roi)
+  return foreground_box_of(volume, threshold, roi)
 
 
 def random_crop_starts(rng: np.random.Generator, region_start, region_size,
