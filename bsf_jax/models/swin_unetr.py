@@ -61,6 +61,8 @@ class SwinUNETR(nn.Module):
         self.in_channels, f, self.depths, self.num_heads, self.window_size, self.patch_size,
         self.mlp_ratio, self.qkv_bias, self.drop_rate, self.attn_drop_rate, self.dropout_path_rate,
         self.normalize, self.remat, self.dtype, self.param_dtype, name="swinViT")(x, deterministic)
+    # Exposed for inspection/tests: `apply(..., mutable=["intermediates"])`.
+    self.sow("intermediates", "hidden_states", tuple(hs))
     enc0 = layers.UnetrBasicBlock(f, name="encoder1", **kw)(x)
     enc1 = layers.UnetrBasicBlock(f, name="encoder2", **kw)(hs[0])
     enc2 = layers.UnetrBasicBlock(2 * f, name="encoder3", **kw)(hs[1])
