@@ -41,14 +41,37 @@ def load_source(path: str) -> tuple[dict[str, Any], tuple[str, ...] | None]:
       raise TransferError(
           f"config.init_from={path!r} is a file but not a PyTorch/safetensors "
           f"file ({', '.join(_TORCH_SUFFIXES)})")
-    from bsf_jax import convert  # Needs torch or safetensors: lazy.
-    params = convert.load_torch_params(path)
-    return params, None
+    return load_torch_params(path), None
   from bsf_jax import checkpointing
   params, meta, step = checkpointing.restore_params(path, "latest")
   modalities = meta.get("contract", {}).get("modalities")
   logging.info("init_from: %s step %d (modalities %s)", path, step, modalities)
   return params, tuple(modalities) if modalities else None
+
+
+def load_torch_params(path: str) -> dict[str, Any]:
+  """Reads any supported PyTorch/safetensors file as a bsf_jax params tree.
+
+  The format is recognised by its keys: a BSF SSL checkpoint has
+  `rotation_head.*`, a MONAI SwinUNETR has `out.*`, and an encoder alone
+  (`model_swinvit.pt`, or our `swinViT.*` export of an SSL run) has only the
+  Swin transformer. The architecture is inferred from the shapes.
+  """
+  from bsf_jax import convert  # Needs torch or safetensors: lazy.
+
+  state_dict = convert.normalize_keys(convert.load_torch_file(path))
+  if "rotation_head.weight" in state_dict:
+    kind = "ssl_head"
+  elif "out.conv.conv.weight" in state_dict:
+    kind = "swin_unetr"
+  else:
+    kind = "encoder"
+    state_dict = convert.encoder_state_dict(state_dict)
+  kwargs = convert.model_kwargs_from_state_dict(state_dict, kind)
+  model = convert.build_model(kind, **kwargs)
+  params = convert.params_from_torch(state_dict, kind, model)
+  logging.info("init_from: %s read as %s %s", path, kind, kwargs)
+  return {"swinViT": params} if kind == "encoder" else params
 
 
 def _encoder_view(source: dict[str, Any]) -> dict[str, Any]:
