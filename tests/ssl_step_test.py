@@ -32,42 +32,37 @@ def params():
   return jax.jit(small_model().init)(jax.random.key(0), x)["params"]
 
 
-def test_loss_fn_is_one_forward_of_both_views(params):
-  cfg = ssl_step.default_config()
+def _separate_forwards(params, key, x):
+  """Reference: views, each view through its own forward, the ssl loss."""
   model = small_model()
-  x = jnp.asarray(images(0, 2))
-  key = jax.random.key(3)
-  loss, parts = jax.jit(ssl_step.make_loss_fn(model, cfg))(
-      params, {"image": x}, key)
-
-  # Same computation spelled out: the views, each view through its own
-  # forward pass, then the reference loss.
-  view_key, _ = jax.random.split(key)
-  v1, v2, labels, targets = augment.make_views(view_key, x)
+  v1, v2, labels, targets = augment.make_views(key, x)
   r1, c1, rec1 = model.apply({"params": params}, v1)
   r2, c2, rec2 = model.apply({"params": params}, v2)
+  return (jnp.concatenate([r1, r2]), labels, c1, c2,
+          jnp.concatenate([rec1, rec2]), targets)
+
+
+def test_loss_fn_one_forward_of_both_views_fp32_and_bf16(params):
+  cfg = ssl_step.default_config()
+  x = jnp.asarray(images(0, 2))
+  key = jax.random.key(3)
+  loss, parts = jax.jit(ssl_step.make_loss_fn(small_model(), cfg))(
+      params, {"image": x}, key)
+
+  view_key, _ = jax.random.split(key)
   want, want_parts = losses.ssl_loss(
-      jnp.concatenate([r1, r2]), labels, c1, c2,
-      jnp.concatenate([rec1, rec2]), targets)
+      *jax.jit(_separate_forwards)(params, view_key, x))
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   for k in ("rot", "con", "rec"):
     np.testing.assert_allclose(parts[k], want_parts[k], rtol=1e-5)
 
-
-def test_loss_fn_bf16_compute_fp32_params(params):
-  cfg = ssl_step.default_config()
-  x = jnp.asarray(images(0, 2))
-  grads_fn = jax.jit(jax.grad(
-      lambda p, b, k: ssl_step.make_loss_fn(small_model(), cfg,
-                                            jnp.bfloat16)(p, b, k)[0]))
-  grads = grads_fn(params, {"image": x}, jax.random.key(3))
-  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
-  loss16, _ = jax.jit(ssl_step.make_loss_fn(small_model(), cfg, jnp.bfloat16))(
-      params, {"image": x}, jax.random.key(3))
-  loss32, _ = jax.jit(ssl_step.make_loss_fn(small_model(), cfg))(
-      params, {"image": x}, jax.random.key(3))
+  # bf16 compute: float32 loss and float32 gradients for float32 params.
+  loss16_fn = ssl_step.make_loss_fn(small_model(), cfg, jnp.bfloat16)
+  (loss16, _), grads = jax.jit(jax.value_and_grad(loss16_fn, has_aux=True))(
+      params, {"image": x}, key)
   assert loss16.dtype == jnp.float32
-  np.testing.assert_allclose(loss16, loss32, rtol=0.05)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  np.testing.assert_allclose(loss16, loss, rtol=0.05)
 
 
 def test_ssl_train_step_data_parallel_matches_one_device():
@@ -101,11 +96,10 @@ def test_ssl_train_step_data_parallel_matches_one_device():
 
 def test_eval_step_ignores_padded_samples(params):
   cfg = ssl_step.default_config()
-  model = small_model()
   mesh = sharding.create_mesh(
       ml_collections.ConfigDict({"data": 4, "fsdp": 1}),
       devices=jax.devices()[:4])
-  eval_step = ssl_step.make_eval_step(model, cfg, mesh)
+  eval_step = ssl_step.make_eval_step(small_model(), cfg, mesh)
   x = images(2, 4)
   # Padding rows hold garbage that must not leak into the sums.
   x[2:] = 1e3
@@ -115,15 +109,11 @@ def test_eval_step_ignores_padded_samples(params):
   assert sums["count"] == 2
 
   # Same views (drawn on the full batch), losses of the real samples only.
-  v1, v2, labels, targets = augment.make_views(key, jnp.asarray(x))
-  r1, c1, rec1 = model.apply({"params": params}, v1)
-  r2, c2, rec2 = model.apply({"params": params}, v2)
-  keep = np.array([0, 1])
-  _, want = losses.ssl_loss(
-      jnp.concatenate([r1[keep], r2[keep]]),
-      jnp.concatenate([labels[:4][keep], labels[4:][keep]]), c1[keep],
-      c2[keep], jnp.concatenate([rec1[keep], rec2[keep]]),
-      jnp.concatenate([targets[:4][keep], targets[4:][keep]]))
+  rot, labels, c1, c2, rec, targets = jax.jit(_separate_forwards)(
+      params, key, jnp.asarray(x))
+  both = np.array([0, 1, 4, 5])  # real samples of view 1, then of view 2
+  _, want = losses.ssl_loss(rot[both], labels[both], c1[:2], c2[:2],
+                            rec[both], targets[both])
   for k in ("rot", "con", "rec"):
     np.testing.assert_allclose(sums[k] / sums["count"], want[k], rtol=1e-4,
                                err_msg=k)
