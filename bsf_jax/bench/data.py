@@ -1,7 +1,7 @@
 """Data pipeline benchmark: stage-1 crops/s, bsf_jax (Grain) vs MONAI.
 
     python -m bsf_jax.bench data [--demo DIR] [--subjects 8] [--workers 2]
-        [--epochs 2] [--roi 96] [--cache] [--memory N]
+        [--epochs 2] [--roi 96] [--cache] [--memory N] [--memory-only]
 
 Both sides read the same full-size UKB-layout demo files (T1 + T2-FLAIR,
 182x218x182 float32 .nii.gz) with the same worker count, in the same run,
@@ -140,8 +140,16 @@ def main(argv) -> int:
   parser.add_argument("--roi", type=int, default=96)
   parser.add_argument("--cache", action="store_true", help="also time a warm .npy cache")
   parser.add_argument("--memory", type=int, default=0, help="stream N small subjects, peak RSS")
+  parser.add_argument("--memory-only", action="store_true", help="skip the throughput comparison")
   args = parser.parse_args(argv[1:])
   tmp = tempfile.TemporaryDirectory(prefix="bsf_bench_data_")
+  if args.memory_only:
+    args.memory = args.memory or 100
+    volumes, peak = _memory(os.path.join(tmp.name, "mem"), args.memory, args.workers)
+    print(f"memory: streamed {volumes} small volumes with workers={args.workers}: "
+          f"peak RSS (main + workers) {peak / 2**20:.0f} MiB")
+    tmp.cleanup()
+    return 0
   folder = args.demo or os.path.join(tmp.name, "demo")
   datalist = os.path.join(folder, "ukb", "ukb_datalist.json")
   if not os.path.isfile(datalist):

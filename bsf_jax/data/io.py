@@ -25,8 +25,9 @@ from bsf_jax.data import DataError
 
 try:  # Optional accelerator for gzip; falls back to the standard library.
   from isal import igzip as _fast_gzip
+  from isal import isal_zlib as _fast_zlib
 except ImportError:  # pragma: no cover - depends on the environment.
-  _fast_gzip = None
+  _fast_gzip = _fast_zlib = None
 
 
 class Volume(NamedTuple):
@@ -38,9 +39,15 @@ class Volume(NamedTuple):
 
 def _decompress(raw: bytes, path: str) -> bytes:
   try:
-    if _fast_gzip is not None:
-      return _fast_gzip.decompress(raw)
-    return gzip.decompress(raw)
+    if _fast_zlib is None:
+      return gzip.decompress(raw)
+    # One-member fast path (every NIfTI writer we know makes one member);
+    # ~25% faster than igzip.decompress, which scans for further members.
+    d = _fast_zlib.decompressobj(wbits=31)
+    out = d.decompress(raw)
+    if not d.eof:
+      raise EOFError("compressed stream ended before the end-of-stream marker")
+    return _fast_gzip.decompress(raw) if d.unused_data else out
   except MemoryError:
     raise
   except Exception as e:  # EOFError, zlib.error, gzip.BadGzipFile, IsalError, ...
