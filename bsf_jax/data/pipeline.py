@@ -240,15 +240,19 @@ def _finish(ds, cfg, volumes):
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, cfg.read_threads),
                                             prefetch_buffer_size=max(2, volumes)))
   ds = ds.filter(_NotSkipped()).batch(volumes, drop_remainder=True, batch_fn=_concat_crops)
-  if cfg.workers > 0:
-    from absl import flags
-    # Grain workers read absl flags; outside an absl app (tests, notebooks,
-    # benchmarks) nothing parsed them, so accept their defaults.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=cfg.workers, per_worker_buffer_size=cfg.prefetch))
-  return ds
+  return _mp_prefetch(ds, cfg)
+
+
+def _mp_prefetch(ds, cfg):
+  if cfg.workers <= 0:
+    return ds
+  from absl import flags
+  # Grain workers read absl flags; outside an absl app (tests, notebooks,
+  # benchmarks) nothing parsed them, so accept their defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=cfg.workers, per_worker_buffer_size=cfg.prefetch))
 
 
 def make_train_iter(cfg, *, task: str, seed: int, process_index=None,
@@ -337,7 +341,8 @@ def make_eval_iter(cfg, *, task: str, process_index=None, process_count=None,
     batch_size: global crops per eval batch (ssl; default cfg.batch_size).
 
   Returns:
-    An iterable Grain dataset; every process yields the same number of items.
+    An iterable Grain `IterDataset` (each `iter()` starts over); every process
+    yields the same number of items.
   """
   spec = _Spec.from_config(cfg, task)
   pi, pc = _process(process_index, process_count)
@@ -360,7 +365,10 @@ def make_eval_iter(cfg, *, task: str, process_index=None, process_count=None,
   ds = ds.random_map(EvalTransform(spec, task))
   if task == "ssl":
     ds = ds.batch(volumes, batch_fn=_concat_crops)
-  return ds
+  # Prefetch reads ahead but keeps order; each iter() starts from the top.
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, cfg.read_threads),
+                                            prefetch_buffer_size=2))
+  return _mp_prefetch(ds, cfg)
 
 
 def to_global_batch(batch: dict, sharding) -> dict:
