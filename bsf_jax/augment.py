@@ -1,0 +1,457 @@
+"""On-device SSL augmentation: random 90-degree rotations and box inpainting.
+
+Jittable, keyed and vectorised re-implementations of the reference
+`rot_rand` / `patch_rand_drop` / `aug_rand` (BrainSegFounder
+`pretrain/utils/ops.py`, from MONAI's SwinUNETR pretraining), for channels-last
+batches [B, H, W, D, C]. Every sample draws from its own key
+(`jax.random.split(key, B)[i]`), so results do not depend on how the batch is
+sharded, and there is no Python loop over samples.
+
+Reference box rule, per spatial dim of size n: lo = int(tolr * n),
+hi = int(max_block_sz * n); start ~ U{0 .. n - lo - 1}, side ~ U{lo .. hi - 1},
+stop = min(start + side, n). A target u * H * W * D with u ~ U(0, max_drop) is
+drawn first and boxes are drawn while the running sum of box volumes (overlaps
+counted twice, clipped sides as drawn) is below the target; later boxes
+overwrite earlier ones. With static shapes we draw a fixed `max_boxes` per
+sample and enable box k iff the volume of boxes 0..k-1 is below the target:
+the same stopping rule, including the overshoot of the last box. `max_boxes`
+defaults to `default_max_boxes`, a 6-sigma bound that truncates with
+probability below 1e-9 (docs/ssl.md).
+
+Noise fill: the reference fills each box with standard normal noise of the
+box's shape (all channels), min-max normalised over that box to [0, 1]. We
+reproduce each box's normaliser exactly by sampling the box's extreme order
+statistics (max, then min of the rest) and each visible element's marginal
+exactly: it is the box maximum or minimum with probability 1/n each, otherwise
+a normal truncated to [min, max]. Only the joint law of two elements of one box
+differs (never observable per voxel). Boxes with n = 1 element (C = 1, 1-voxel
+box) give 0/0 = NaN in the reference; we treat them as n = 2 (value 0 or 1).
+
+Documented deviation in `aug_rand`: the reference swaps sequentially in place,
+so sample i copies from x_aug[j], which is already augmented when j < i and
+untouched when j > i. Here all noise drops happen first and every swap copies
+from the noise-dropped partner, so all samples are treated alike. Swap
+partners can be restricted to groups (`group_size`, e.g. the per-device batch,
+as the reference draws partners on its own GPU); the group gather is then local
+to a device.
+"""
+
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Normal-approximation quantile for default_max_boxes: P(truncation) < 1e-9.
+_MAX_BOXES_Z = 6.0
+
+
+class Boxes(NamedTuple):
+  """Fixed-size set of candidate boxes for one volume.
+
+  Attributes:
+    start: [N, 3] int32 first voxel of each box (H, W, D).
+    stop: [N, 3] int32 one past the last voxel (already clipped to the volume).
+    enabled: [N] bool, boxes the reference loop would have drawn.
+    truncated: bool scalar, True if the reference would have drawn more than N.
+  """
+  start: Array
+  stop: Array
+  enabled: Array
+  truncated: Array
+
+
+def block_limits(spatial_shape: Sequence[int], max_block_sz: float,
+                 tolr: float) -> tuple[tuple[int, int], ...]:
+  """Per-dim (lo, hi) of the reference box rule: side ~ U{lo .. hi - 1}.
+
+  Args:
+    spatial_shape: (H, W, D).
+    max_block_sz: largest box side as a fraction of the dim (exclusive).
+    tolr: smallest box side as a fraction of the dim.
+
+  Returns:
+    ((lo, hi), ...) per spatial dim.
+
+  Raises:
+    ValueError: if a dim cannot hold a box of positive size (the reference
+      raises inside numpy's randint, or loops forever when every side is 0).
+  """
+  limits = []
+  for axis, n in enumerate(spatial_shape):
+    lo, hi = int(tolr * n), int(max_block_sz * n)
+    if hi <= lo or hi < 2:
+      raise ValueError(
+          f"patch_rand_drop: spatial dim {axis} of size {n} (shape "
+          f"{tuple(spatial_shape)}) gives box sides in [{lo}, {hi}) with "
+          f"max_block_sz={max_block_sz}, tolr={tolr}; need hi > lo and hi >= 2")
+    limits.append((lo, hi))
+  return tuple(limits)
+
+
+def default_max_boxes(spatial_shape: Sequence[int], max_drop: float = 0.3,
+                      max_block_sz: float = 0.25, tolr: float = 0.05) -> int:
+  """Number of candidate boxes so that truncation is negligible.
+
+  Uses the exact mean mu and s.d. sigma of one (clipped) box volume and takes
+  the smallest N with N mu - z sigma sqrt(N) >= max_drop * H * W * D, z = 6:
+  even at the largest target the sum of N volumes falls short with probability
+  below ~1e-9 (the lower tail of a sum of positive skewed volumes is lighter
+  than the normal one, so this errs on the safe side). Examples (defaults):
+  32^3 -> 273, 64^3 -> 189, 96^3 -> 195, 128^3 -> 177.
+
+  Args:
+    spatial_shape: (H, W, D).
+    max_drop: largest dropped fraction.
+    max_block_sz: see `block_limits`.
+    tolr: see `block_limits`.
+
+  Returns:
+    The number of candidate boxes (>= 1).
+  """
+  mean, second = 1.0, 1.0
+  for n, (lo, hi) in zip(spatial_shape,
+                         block_limits(spatial_shape, max_block_sz, tolr)):
+    starts = np.arange(0, n - lo)[:, None]
+    sides = np.minimum(np.arange(lo, hi)[None, :], n - starts).astype(np.float64)
+    mean *= sides.mean()
+    second *= (sides**2).mean()
+  sigma = math.sqrt(max(second - mean * mean, 0.0))
+  target = max_drop * float(np.prod(spatial_shape))
+  z = _MAX_BOXES_Z
+  root = (z * sigma + math.sqrt((z * sigma)**2 + 4 * mean * target)) / (2 * mean)
+  return max(1, math.ceil(root * root))
+
+
+def sample_boxes(key: Array, spatial_shape: Sequence[int], *,
+                 max_drop: float = 0.3, max_block_sz: float = 0.25,
+                 tolr: float = 0.05, max_boxes: int | None = None) -> Boxes:
+  """Draws the boxes of one reference `patch_rand_drop` call (one volume).
+
+  Args:
+    key: PRNG key.
+    spatial_shape: (H, W, D), static.
+    max_drop: target fraction u ~ U(0, max_drop).
+    max_block_sz: see `block_limits`.
+    tolr: see `block_limits`.
+    max_boxes: candidate boxes; default `default_max_boxes(...)`.
+
+  Returns:
+    A `Boxes` tuple (use `jax.vmap` over keys for many volumes).
+  """
+  spatial_shape = tuple(int(n) for n in spatial_shape)
+  limits = block_limits(spatial_shape, max_block_sz, tolr)
+  if max_boxes is None:
+    max_boxes = default_max_boxes(spatial_shape, max_drop, max_block_sz, tolr)
+  n = np.asarray(spatial_shape, np.int32)
+  lo = np.asarray([l for l, _ in limits], np.int32)
+  hi = np.asarray([h for _, h in limits], np.int32)
+  # One uniform draw for everything (cheaper to compile than several
+  # randint calls); floor(u * m) is uniform on {0 .. m - 1} up to float32
+  # rounding (m <= a few hundred here, so the bias is below 1e-4 relative).
+  u = jax.random.uniform(key, (max_boxes * 6 + 1,), jnp.float32)
+  target = u[0] * max_drop * float(np.prod(spatial_shape))
+  u = u[1:].reshape(max_boxes, 6)
+
+  def pick(v, low, count):
+    return low + jnp.minimum(jnp.floor(v * count).astype(jnp.int32), count - 1)
+
+  start = pick(u[:, :3], 0, n - lo)
+  side = pick(u[:, 3:], lo, hi - lo)
+  stop = jnp.minimum(start + side, n)
+  volume = jnp.prod(stop - start, axis=1).astype(jnp.float32)
+  # Box k is drawn iff the voxels counted before it are below the target.
+  before = jnp.cumsum(volume) - volume
+  enabled = before < target
+  truncated = jnp.sum(volume) < target
+  return Boxes(start.astype(jnp.int32), stop.astype(jnp.int32), enabled,
+               truncated)
+
+
+def last_box_index(boxes: Boxes, spatial_shape: Sequence[int],
+                   max_side: Sequence[int]) -> Array:
+  """Index of the last enabled box covering each voxel, -1 where none.
+
+  Later boxes overwrite earlier ones in the reference, so this is the box
+  whose fill a voxel shows. Each box paints its rank (k + 1) over a static
+  max_side footprint with a scatter-max; footprint voxels outside the box are
+  dropped. This costs N * prod(max_side) updates instead of the N * H * W * D
+  of a dense box-membership test (5.6 GB of temporaries at 96^3 on CPU).
+
+  Args:
+    boxes: `Boxes` of one volume.
+    spatial_shape: (H, W, D).
+    max_side: static upper bound of each box side (hi - 1 per dim).
+
+  Returns:
+    [H, W, D] int32.
+  """
+  h, w, d = (int(n) for n in spatial_shape)
+  grids = np.meshgrid(*[np.arange(int(s)) for s in max_side], indexing="ij")
+  offsets = jnp.asarray(np.stack([g.ravel() for g in grids], -1), jnp.int32)
+  pos = boxes.start[:, None, :] + offsets[None, :, :]  # [N, F, 3]
+  valid = jnp.all(pos < boxes.stop[:, None, :], axis=-1)
+  valid &= boxes.enabled[:, None]
+  flat = (pos[..., 0] * w + pos[..., 1]) * d + pos[..., 2]
+  flat = jnp.where(valid, flat, h * w * d)  # out of range: dropped
+  n = boxes.enabled.shape[0]
+  rank = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32)[:, None],
+                          flat.shape)
+  painted = jnp.zeros((h * w * d,), jnp.int32).at[flat.ravel()].max(
+      rank.ravel(), mode="drop")
+  return painted.reshape((h, w, d)) - 1
+
+
+def _extremes(key: Array, n: Array) -> tuple[Array, Array, Array, Array]:
+  """(lo, hi, Phi(lo), Phi(hi)) of n iid standard normals; see below."""
+  tiny = jnp.finfo(jnp.float32).tiny
+  u_max, u_min = jax.random.uniform(key, (2,) + n.shape, jnp.float32, tiny,
+                                    1.0)
+  upper_tail = -jnp.expm1(jnp.log(u_max) / n)  # 1 - Phi(max)
+  hi = -jax.scipy.special.ndtri(upper_tail)
+  cdf_hi = 1.0 - upper_tail
+  cdf_lo = cdf_hi * -jnp.expm1(jnp.log(u_min) / (n - 1.0))
+  lo = jax.scipy.special.ndtri(cdf_lo)
+  return lo, hi, cdf_lo, cdf_hi
+
+
+def box_noise_extremes(key: Array, n: Array) -> tuple[Array, Array]:
+  """Samples (min, max) of n iid standard normals, exactly.
+
+  max: P(max <= t) = Phi(t)^n. min given max: the other n - 1 are iid normal
+  truncated above at max. Computed through tail probabilities (expm1/log) so
+  that large n keeps float32 precision.
+
+  Args:
+    key: PRNG key.
+    n: element counts (any shape, >= 2), float32.
+
+  Returns:
+    (lo, hi) arrays of n's shape.
+  """
+  lo, hi, _, _ = _extremes(key, n)
+  return lo, hi
+
+
+def normalised_noise(u: Array, n: Array, lo: Array, hi: Array) -> Array:
+  """Marginal of one element of min-max normalised normal noise of size n.
+
+  With probability 1/n the element is the maximum (1.0), with 1/n the minimum
+  (0.0), else a normal truncated to [lo, hi], normalised to (0, 1).
+
+  Args:
+    u: uniform(0, 1) draws, one per element.
+    n: element count of the element's box (broadcastable to u, >= 2).
+    lo: box minimum (broadcastable to u).
+    hi: box maximum (broadcastable to u).
+
+  Returns:
+    float32 values in [0, 1], shape of u.
+  """
+  ndtr = jax.scipy.special.ndtr
+  return _normalised_noise(u, n, lo, hi, ndtr(lo), ndtr(hi))
+
+
+def _normalised_noise(u, n, lo, hi, cdf_lo, cdf_hi):
+  p_ext = 1.0 / n
+  w = jnp.clip((u - p_ext) / jnp.maximum(1.0 - 2.0 * p_ext, 1e-12), 0.0, 1.0)
+  g = jax.scipy.special.ndtri(cdf_lo + w * (cdf_hi - cdf_lo))
+  mid = jnp.clip((g - lo) / (hi - lo), 0.0, 1.0)
+  return jnp.where(u < p_ext, 1.0, jnp.where(u >= 1.0 - p_ext, 0.0, mid))
+
+
+# One patch_rand_drop of one sample uses its key as: boxes, extremes, fill.
+def _box_index(key: Array, spatial: tuple[int, ...],
+               cfg: dict) -> tuple[Array, Array]:
+  """Boxes of one sample -> ([H, W, D] last-box index, [N] box volumes)."""
+  boxes = sample_boxes(jax.random.split(key, 3)[0], spatial, **cfg)
+  limits = block_limits(spatial, cfg["max_block_sz"], cfg["tolr"])
+  idx = last_box_index(boxes, spatial, [hi - 1 for _, hi in limits])
+  return idx, jnp.prod(boxes.stop - boxes.start, axis=1).astype(jnp.float32)
+
+
+def _noise_fill(key: Array, x: Array, idx: Array, volume: Array) -> Array:
+  """Normalised-noise values for every voxel of one [H, W, D, C] sample."""
+  _, k_ext, k_fill = jax.random.split(key, 3)
+  n = jnp.maximum(volume * x.shape[-1], 2.0)
+  # Per-box parameters are computed once per box, then gathered per voxel.
+  safe = jnp.maximum(idx, 0)[..., None]
+  per_voxel = [t[safe] for t in (n, *_extremes(k_ext, n))]
+  u = jax.random.uniform(k_fill, x.shape, jnp.float32)
+  return _normalised_noise(u, *per_voxel).astype(x.dtype)
+
+
+def _apply(keys, x, x_rep, idx, volume):
+  """Fills the boxed voxels of a batch with noise (x_rep None) or x_rep."""
+  if x_rep is None:
+    x_rep = jax.vmap(_noise_fill)(keys, x, idx, volume)
+  return jnp.where((idx >= 0)[..., None], x_rep, x)
+
+
+def _check_batch(name: str, x: Array) -> None:
+  if x.ndim != 5:
+    raise ValueError(f"{name}: expected [B, H, W, D, C], got shape {x.shape}")
+
+
+def _drop_cfg(x, max_drop, max_block_sz, tolr, max_boxes):
+  spatial = tuple(int(n) for n in x.shape[1:4])
+  if max_boxes is None:
+    max_boxes = default_max_boxes(spatial, max_drop, max_block_sz, tolr)
+  return spatial, dict(max_drop=max_drop, max_block_sz=max_block_sz,
+                       tolr=tolr, max_boxes=max_boxes)
+
+
+def patch_rand_drop(key: Array, x: Array, x_rep: Array | None = None,
+                    max_drop: float = 0.3, max_block_sz: float = 0.25,
+                    tolr: float = 0.05,
+                    max_boxes: int | None = None) -> Array:
+  """Reference `patch_rand_drop` on every sample of a batch.
+
+  Args:
+    key: PRNG key; sample i uses `jax.random.split(key, B)[i]`.
+    x: [B, H, W, D, C] volumes.
+    x_rep: None for noise fill, else [B, H, W, D, C] whose boxes are copied
+      into x (sample i from x_rep[i]).
+    max_drop: target dropped fraction u ~ U(0, max_drop) per sample.
+    max_block_sz: largest box side as a fraction of each dim (exclusive).
+    tolr: smallest box side as a fraction of each dim.
+    max_boxes: candidate boxes per sample; default `default_max_boxes`.
+
+  Returns:
+    Array of x's shape and dtype.
+  """
+  _check_batch("patch_rand_drop", x)
+  if x_rep is not None and x_rep.shape != x.shape:
+    raise ValueError(f"patch_rand_drop: x_rep shape {x_rep.shape} != x shape "
+                     f"{x.shape}")
+  spatial, cfg = _drop_cfg(x, max_drop, max_block_sz, tolr, max_boxes)
+  keys = jax.random.split(key, x.shape[0])
+  idx, volume = jax.vmap(lambda k: _box_index(k, spatial, cfg))(keys)
+  return _apply(keys, x, x_rep, idx, volume)
+
+
+def rot_rand(key: Array, x: Array,
+             axes: tuple[int, int] = (1, 2)) -> tuple[Array, Array]:
+  """Rotates each sample by k * 90 degrees, k ~ U{0, 1, 2, 3}.
+
+  With the default axes (1, 2) of [B, H, W, D, C] this is the H-W plane and
+  sample i equals `torch.rot90(v, k_i, (1, 2))` of its (C, H, W, D) layout v
+  (SPEC section 4). The released reference code rotates (C, H, W, D) dims
+  (2, 3), the W-D plane: pass axes=(2, 3) to reproduce it.
+
+  Args:
+    key: PRNG key.
+    x: [B, H, W, D, C]; the two rotated dims must have equal size.
+    axes: the two axes of x spanning the rotation plane (1, 2 or 3).
+
+  Returns:
+    (x_rot, labels): x_rot of x's shape and dtype, labels [B] int32 = k.
+  """
+  _check_batch("rot_rand", x)
+  a, b = axes
+  if sorted((a, b)) not in ([1, 2], [1, 3], [2, 3]):
+    raise ValueError(f"rot_rand: axes must be two spatial axes of [B, H, W, "
+                     f"D, C] (1, 2 or 3), got {axes}")
+  if x.shape[a] != x.shape[b]:
+    raise ValueError(
+        f"rot_rand: 90-degree rotation in the plane of axes {axes} needs equal "
+        f"sizes, got {x.shape[a]} and {x.shape[b]} (x shape {x.shape})")
+  labels = jax.random.randint(key, (x.shape[0],), 0, 4, dtype=jnp.int32)
+  k = labels.reshape((-1, 1, 1, 1, 1))
+  out = x
+  # Select among the four rotations: elementwise, so it stays local to the
+  # device holding each sample under batch sharding.
+  for quarter in (1, 2, 3):
+    out = jnp.where(k == quarter, jnp.rot90(x, quarter, axes=(a, b)), out)
+  return out, labels
+
+
+def aug_rand(key: Array, x: Array, *, group_size: int | None = None,
+             max_drop: float = 0.3, max_block_sz: float = 0.25,
+             tolr: float = 0.05, max_boxes: int | None = None) -> Array:
+  """Reference `aug_rand`: a noise drop, then maybe a swap drop, per sample.
+
+  Sample i draws a partner j uniformly from its group (possibly itself); if
+  j != i, boxes of the noise-dropped partner are copied into it by a second
+  drop (the reference skips the swap when j == i). See the module docstring
+  for the one deviation (swap source). With k_noise, k_partner, k_swap =
+  `jax.random.split(key, 3)`, the result equals
+  `patch_rand_drop(k_swap, noised, partners)` where the swap applies, else
+  `noised = patch_rand_drop(k_noise, x)`.
+
+  Args:
+    key: PRNG key.
+    x: [B, H, W, D, C] volumes.
+    group_size: partners are drawn within consecutive groups of this size
+      (B must be divisible by it). None: the whole batch. Set it to the
+      per-device batch to keep the swap device-local and match the reference,
+      which draws partners among one GPU's samples.
+    max_drop, max_block_sz, tolr, max_boxes: see `patch_rand_drop`.
+
+  Returns:
+    Array of x's shape and dtype.
+  """
+  _check_batch("aug_rand", x)
+  bsz = x.shape[0]
+  group = bsz if group_size is None else int(group_size)
+  if group < 1 or bsz % group:
+    raise ValueError(f"aug_rand: batch {bsz} (x shape {x.shape}) is not "
+                     f"divisible by group_size {group_size}")
+  spatial, cfg = _drop_cfg(x, max_drop, max_block_sz, tolr, max_boxes)
+  k_noise, k_partner, k_swap = jax.random.split(key, 3)
+  keys = jnp.stack([jax.random.split(k_noise, bsz),
+                    jax.random.split(k_swap, bsz)])
+  # Both drops' boxes in one vmapped computation (one copy in the program).
+  idx, volume = jax.vmap(jax.vmap(lambda k: _box_index(k, spatial, cfg)))(keys)
+  noised = _apply(keys[0], x, None, idx[0], volume[0])
+  partner = jax.random.randint(k_partner, (bsz // group, group), 0, group)
+  grouped = noised.reshape((bsz // group, group) + x.shape[1:])
+  source = jax.vmap(lambda g, j: g[j])(grouped, partner).reshape(x.shape)
+  do_swap = (partner != jnp.arange(group)[None, :]).reshape((bsz, 1, 1, 1))
+  idx_swap = jnp.where(do_swap, idx[1], -1)
+  return _apply(keys[1], noised, source, idx_swap, volume[1])
+
+
+def make_views(key: Array, x: Array, *, group_size: int | None = None,
+               rot_axes: tuple[int, int] = (1, 2), max_drop: float = 0.3,
+               max_block_sz: float = 0.25, tolr: float = 0.05,
+               max_boxes: int | None = None
+               ) -> tuple[Array, Array, Array, Array]:
+  """The SPEC two-view recipe: view_i = aug_rand(rot_rand(x)).
+
+  Feed view1 and view2 through the SSL model, then call
+  `bsf_jax.losses.ssl_loss(concat([rot1, rot2]), rot_labels, z1, z2,
+  concat([rec1, rec2]), rotated_targets)`.
+
+  View v (0 or 1) uses k_v = `jax.random.split(key, 2)[v]`, split again into
+  (rotation key, augmentation key): view v equals
+  `aug_rand(k_aug, rot_rand(k_rot, x)[0])`. The two views run as one vmapped
+  program, which halves compile time and keeps samples on their devices.
+
+  Args:
+    key: PRNG key (fold in the step).
+    x: [B, H, W, D, C] input crops.
+    group_size: swap-partner groups, see `aug_rand`.
+    rot_axes: rotation plane, see `rot_rand`.
+    max_drop, max_block_sz, tolr, max_boxes: see `patch_rand_drop`.
+
+  Returns:
+    (view1 [B, ...], view2 [B, ...], rot_labels [2B] int32,
+    rotated_targets [2B, ...]): labels and targets are view-1 samples first,
+    then view-2 samples; targets are the rotated, un-augmented volumes.
+  """
+  _check_batch("make_views", x)
+  kw = dict(group_size=group_size, max_drop=max_drop,
+            max_block_sz=max_block_sz, tolr=tolr, max_boxes=max_boxes)
+
+  def one_view(k):
+    k_rot, k_aug = jax.random.split(k)
+    rotated, labels = rot_rand(k_rot, x, rot_axes)
+    return aug_rand(k_aug, rotated, **kw), labels, rotated
+
+  views, labels, rotated = jax.vmap(one_view)(jax.random.split(key, 2))
+  return (views[0], views[1], labels.reshape(-1),
+          rotated.reshape((-1,) + x.shape[1:]))
