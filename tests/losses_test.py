@@ -136,7 +136,9 @@ def test_dice_matches_monai(kw, target_kind):
     target = np.ones_like(target)
   if not (kw.get("sigmoid") or kw.get("softmax")):
     logits = 1.0 / (1.0 + np.exp(-logits))
-  got = jax.jit(lambda a, t: losses.dice_loss(a, t, **kw))(logits, target)
+  # Eager: the op-by-op cache is shared across the cases (one jit per case
+  # would compile 27 programs); test_ssl_loss covers jit.
+  got = losses.dice_loss(logits, target, **kw)
   want = monai_losses.DiceLoss(**kw)(_to_torch_cf(logits), _to_torch_cf(target))
   np.testing.assert_allclose(got, want.item(), rtol=1e-5, atol=1e-6)
 
@@ -159,8 +161,12 @@ def test_dice_onehot_and_single_channel():
                              rtol=1e-5, atol=1e-6)
 
 
-def test_dice_errors_and_bf16():
+def test_dice_errors_jit_and_bf16():
   logits, target = _seg_inputs(4)
+  kw = dict(sigmoid=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
+  np.testing.assert_allclose(
+      jax.jit(lambda a, t: losses.dice_loss(a, t, **kw))(logits, target),
+      losses.dice_loss(logits, target, **kw), rtol=1e-6)
   with pytest.raises(ValueError, match="target shape"):
     losses.dice_loss(logits, target[..., :2], sigmoid=True)
   with pytest.raises(ValueError, match="mutually exclusive"):
@@ -189,7 +195,7 @@ def test_dice_ce_matches_monai(kw, k, label_target):
     target = rng.integers(0, k, size=(2, 6, 5, 4, 1)).astype(np.float32)
   else:
     target = (rng.uniform(size=logits.shape) < 0.4).astype(np.float32)
-  got = jax.jit(lambda a, t: losses.dice_ce_loss(a, t, **kw))(logits, target)
+  got = losses.dice_ce_loss(logits, target, **kw)
   want = monai_losses.DiceCELoss(**kw)(_to_torch_cf(logits),
                                        _to_torch_cf(target))
   np.testing.assert_allclose(got, want.item(), rtol=1e-5, atol=1e-6)
