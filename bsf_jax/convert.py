@@ -136,7 +136,7 @@ def params_to_torch(params: Mapping, kind: str) -> dict[str, Any]:
   for k, v in params_to_numpy(params, kind).items():
     if v.dtype not in (np.float32, np.float64, np.int64):
       v = v.astype(np.float32)
-    out[k] = torch.from_numpy(np.ascontiguousarray(v))
+    out[k] = torch.from_numpy(np.array(v, copy=True))  # writable, contiguous copy
   return out
 
 

@@ -1,0 +1,149 @@
+"""bsf_jax.convert: formats, strictness, architecture inference, encoder transfer, CLI.
+
+Numerical parity of converted weights is in models_test.py; these tests only
+trace shapes (`jax.eval_shape`) or compare arrays, so they are fast.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bsf_jax import convert, models
+
+torch = pytest.importorskip("torch")
+monai_nets = pytest.importorskip("monai.networks.nets")
+
+F = 12
+
+
+def _torch_swin_unetr(depths=(2, 2, 2, 2), heads=(3, 6, 12, 24), in_ch=2, out_ch=3, f=F):
+  torch.manual_seed(0)
+  return monai_nets.SwinUNETR(in_channels=in_ch, out_channels=out_ch, feature_size=f,
+                              depths=depths, num_heads=heads)
+
+
+def _ssl_state_dict():
+  from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(1)
+  return TorchSSLHead(2, feature_size=F).state_dict()
+
+
+def _assert_same_state_dict(a, b):
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("kind", ["swin_unetr", "ssl_head"])
+def test_round_trip_is_exact(kind):
+  sd = _torch_swin_unetr().state_dict() if kind == "swin_unetr" else _ssl_state_dict()
+  model = convert.build_model(kind, **convert.model_kwargs_from_state_dict(sd, kind))
+  params = convert.params_from_torch(sd, kind, model)
+  _assert_same_state_dict(convert.params_to_torch(params, kind), sd)
+
+
+def test_inference_of_architecture():
+  sd = _torch_swin_unetr(depths=(2, 2, 4, 2), heads=(2, 4, 6, 8), in_ch=4, out_ch=5, f=24).state_dict()
+  kwargs = convert.model_kwargs_from_state_dict(sd, "swin_unetr")
+  assert kwargs == dict(in_channels=4, feature_size=24, depths=(2, 2, 4, 2), num_heads=(2, 4, 6, 8),
+                        window_size=7, patch_size=2, mlp_ratio=4.0, qkv_bias=True, out_channels=5)
+  ssl = convert.model_kwargs_from_state_dict(_ssl_state_dict(), "ssl_head")
+  assert (ssl["in_channels"], ssl["feature_size"], ssl["rotation_classes"], ssl["contrastive_dim"]) == (2, F, 4, 512)
+
+
+def test_strict_errors_name_every_problem():
+  sd = dict(_torch_swin_unetr().state_dict())
+  model = convert.build_model("swin_unetr", **convert.model_kwargs_from_state_dict(sd, "swin_unetr"))
+  del sd["decoder1.transp_conv.conv.weight"]
+  sd["extra.weight"] = torch.zeros(1)
+  sd["out.conv.conv.bias"] = torch.zeros(7)
+  idx_key = "swinViT.layers2.0.blocks.1.attn.relative_position_index"
+  sd[idx_key] = torch.zeros_like(sd[idx_key])
+  with pytest.raises(convert.ConversionError) as err:
+    convert.params_from_torch(sd, "swin_unetr", model)
+  msg = str(err.value)
+  for expected in ["missing key: decoder1.transp_conv.conv.weight", "unexpected key: extra.weight",
+                   "shape mismatch: out.conv.conv.bias: file (7,), model (3,)", idx_key]:
+    assert expected in msg
+  # Wrong kind is refused too.
+  with pytest.raises(convert.ConversionError, match="rotation_head"):
+    convert.params_from_torch(_ssl_state_dict(), "ssl_head", model)
+
+
+def test_bsf_checkpoint_format_and_encoder_transfer(tmp_path):
+  sd = _ssl_state_dict()
+  path = str(tmp_path / "bsf.pt")
+  convert.save_torch_file(sd, path, bsf=True, global_step=7, epoch=3)
+  raw = torch.load(path, weights_only=True)
+  assert raw["global_step"] == 7 and raw["epoch"] == 3
+  assert all(k.startswith("module.") for k in raw["state_dict"])
+  loaded = convert.load_torch_file(path)
+  kwargs = convert.model_kwargs_from_state_dict(loaded, "ssl_head")
+  ssl = convert.build_model("ssl_head", **kwargs)
+  ssl_params = convert.params_from_torch(loaded, "ssl_head", ssl)
+
+  # Fine-tuning start: the SSL encoder goes into a SwinUNETR with the same encoder.
+  seg = models.SwinUNETR(2, 3, feature_size=F)
+  seg_params = convert.abstract_params(seg)
+  seg_params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), seg_params)
+  new = convert.load_encoder_into(seg_params, loaded, seg)
+  for a, b in zip(jax.tree.leaves(new["swinViT"]), jax.tree.leaves(ssl_params["swinViT"])):
+    np.testing.assert_array_equal(a, b)
+  assert float(jnp.abs(new["encoder1"]["layer"]["conv1"]["kernel"]).max()) == 0.0
+  # A different encoder (3 input channels) is refused by name.
+  with pytest.raises(convert.ConversionError, match="patch_embed.proj.weight"):
+    convert.load_encoder_into(seg_params, loaded, models.SwinUNETR(3, 3, feature_size=F))
+
+
+def test_original_model_swinvit_format(tmp_path):
+  # model_swinvit.pt: {"state_dict": {"module.patch_embed...", "module.layers1.0...mlp.fc1..."}}
+  enc = _torch_swin_unetr().swinViT.state_dict()
+  old = {"module." + k.replace("mlp.linear1", "mlp.fc1").replace("mlp.linear2", "mlp.fc2"): v
+         for k, v in enc.items()}
+  path = str(tmp_path / "model_swinvit.pt")
+  torch.save({"state_dict": old}, path)
+  sd = convert.load_torch_file(path)
+  kwargs = convert.model_kwargs_from_state_dict(sd, "encoder")
+  encoder = convert.build_model("encoder", **kwargs)
+  params = convert.params_from_torch(sd, "encoder", encoder)
+  _assert_same_state_dict(convert.params_to_torch(params, "encoder"), enc)
+  seg = models.SwinUNETR(2, 3, feature_size=F)
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), convert.abstract_params(seg))
+  new = convert.load_encoder_into(zeros, sd, seg)
+  for a, b in zip(jax.tree.leaves(new["swinViT"]), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_cli_round_trip(tmp_path):
+  sd = _torch_swin_unetr().state_dict()
+  src = str(tmp_path / "model.pt")
+  torch.save(sd, src)
+  ckpt = str(tmp_path / "ckpt")
+  convert.main(["--from", src, "--kind", "swin_unetr", "--to", ckpt])
+  with open(os.path.join(ckpt, convert.CONFIG_FILE)) as f:
+    cfg = json.load(f)
+  assert cfg["kind"] == "swin_unetr" and cfg["model_kwargs"]["out_channels"] == 3
+  params, kind, kwargs = convert.load_params(ckpt)
+  assert kind == "swin_unetr" and kwargs["depths"] == (2, 2, 2, 2)
+  for fmt in ("safetensors", "pt"):
+    dst = str(tmp_path / f"back.{fmt}")
+    convert.main(["--from", ckpt, "--to", dst])
+    _assert_same_state_dict(convert.load_torch_file(dst), {k: v.numpy() for k, v in sd.items()})
+  # The exported file loads strictly into MONAI.
+  tm = monai_nets.SwinUNETR(in_channels=2, out_channels=3, feature_size=F)
+  tm.load_state_dict(torch.load(str(tmp_path / "back.pt"), weights_only=True), strict=True)
+  # Safetensors in, with an explicit override that contradicts the file: refused by name.
+  with pytest.raises(convert.ConversionError, match="shape mismatch: swinViT.patch_embed"):
+    convert.main(["--from", str(tmp_path / "back.safetensors"), "--kind", "swin_unetr",
+                  "--to", str(tmp_path / "ckpt2"), "--in_channels", "4"])
+
+
+def test_bad_file_is_reported(tmp_path):
+  path = str(tmp_path / "weird.pt")
+  torch.save({"model": {"a": 1}}, path)
+  with pytest.raises(convert.ConversionError, match="weird.pt"):
+    convert.load_torch_file(path)

@@ -1,0 +1,194 @@
+"""Numerical parity of bsf_jax.models with MONAI / the PyTorch SSL head reference.
+
+Weights go both ways through `bsf_jax.convert`; the max-abs differences are
+printed (run with `-s` to see them) and must be <= 1e-4 in float32.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bsf_jax import convert, models
+
+torch = pytest.importorskip("torch")
+monai_nets = pytest.importorskip("monai.networks.nets")
+
+TOL = 1e-4
+F = 12  # small feature size keeps the tests fast
+
+
+def _perturb_torch(module, seed):
+  """Random offsets on every parameter so LayerNorm scales/biases etc. are not trivially 1/0."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in module.parameters():
+      p.add_(0.05 * torch.randn(p.shape, generator=gen))
+  return module.eval()
+
+
+def _perturb_jax(params, seed):
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(
+      treedef, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+
+
+def _inputs(shape, channels, seed=0):
+  x = np.random.default_rng(seed).standard_normal((1, channels) + shape).astype(np.float32)
+  return x, jnp.asarray(x.transpose(0, 2, 3, 4, 1))
+
+
+def _to_ncdhw(a):
+  a = np.asarray(a, np.float32)
+  return a.transpose(0, 4, 1, 2, 3) if a.ndim == 5 else a
+
+
+def _max_diff(jax_out, torch_out):
+  return float(np.abs(_to_ncdhw(jax_out) - torch_out.detach().numpy()).max())
+
+
+def _monai_swin_unetr(seed=0):
+  torch.manual_seed(seed)
+  return _perturb_torch(monai_nets.SwinUNETR(in_channels=2, out_channels=3, feature_size=F), seed)
+
+
+def _run_swin_unetr(model, params, x):
+  fn = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))
+  logits, state = fn(params, x)
+  return logits, state["intermediates"]["hidden_states"][0]
+
+
+def _check_swin_unetr(tm, model, params, shape, label):
+  x, xj = _inputs(shape, 2)
+  with torch.no_grad():
+    ref = tm(torch.from_numpy(x))
+    ref_hs = tm.swinViT(torch.from_numpy(x), True)
+  logits, hs = _run_swin_unetr(model, params, xj)
+  assert logits.shape == (1,) + shape + (3,)
+  diffs = [_max_diff(h, r) for h, r in zip(hs, ref_hs)]
+  diff = _max_diff(logits, ref)
+  print(f"\n[{label} {shape}] hidden-state max-abs diffs {['%.2e' % d for d in diffs]}, "
+        f"logits {diff:.2e}")
+  assert len(hs) == 5
+  assert max(diffs) <= TOL and diff <= TOL
+
+
+def test_swin_unetr_monai_to_jax_cubic():
+  tm = _monai_swin_unetr(0)
+  kwargs = convert.model_kwargs_from_state_dict(tm.state_dict(), "swin_unetr")
+  model = convert.build_model("swin_unetr", **kwargs)
+  params = convert.params_from_torch(tm.state_dict(), "swin_unetr", model)
+  _check_swin_unetr(tm, model, params, (64, 64, 64), "SwinUNETR MONAI->JAX")
+
+
+def test_swin_unetr_jax_to_monai_noncubic_remat():
+  # remat=True here: its outputs matching MONAI also shows remat does not change them.
+  model = models.SwinUNETR(2, 3, feature_size=F, remat=True)
+  params = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 32, 2)))["params"]
+  params = _perturb_jax(params, 1)
+  tm = monai_nets.SwinUNETR(in_channels=2, out_channels=3, feature_size=F).eval()
+  tm.load_state_dict(convert.params_to_torch(params, "swin_unetr"), strict=True)
+  _check_swin_unetr(tm, model, params, (32, 64, 96), "SwinUNETR JAX->MONAI remat")
+
+
+def _ssl_reference(seed):
+  from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  return _perturb_torch(TorchSSLHead(2, feature_size=F), seed)
+
+
+def _check_ssl(tm, model, params, shape, label):
+  x, xj = _inputs(shape, 2, seed=3)
+  with torch.no_grad():
+    ref = tm(torch.from_numpy(x))
+  out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, xj)
+  assert out[0].shape == (1, 4) and out[1].shape == (1, 512) and out[2].shape == (1,) + shape + (2,)
+  diffs = [_max_diff(o, r) for o, r in zip(out, ref)]
+  print(f"\n[{label} {shape}] rotation {diffs[0]:.2e}, contrastive {diffs[1]:.2e}, "
+        f"reconstruction {diffs[2]:.2e}")
+  assert max(diffs) <= TOL
+
+
+def test_ssl_head_torch_to_jax_cubic():
+  tm = _ssl_reference(2)
+  kwargs = convert.model_kwargs_from_state_dict(tm.state_dict(), "ssl_head")
+  model = convert.build_model("ssl_head", **kwargs)
+  params = convert.params_from_torch(tm.state_dict(), "ssl_head", model)
+  _check_ssl(tm, model, params, (64, 64, 64), "SSLHead torch->JAX")
+
+
+def test_ssl_head_jax_to_torch_noncubic():
+  from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top
+  model = models.SSLHead(2, feature_size=F)
+  params = _perturb_jax(model.init(jax.random.key(4), jnp.zeros((1, 64, 64, 64, 2)))["params"], 4)
+  tm = TorchSSLHead(2, feature_size=F).eval()
+  tm.load_state_dict(convert.params_to_torch(params, "ssl_head"), strict=True)
+  _check_ssl(tm, model, params, (64, 96, 32), "SSLHead JAX->torch")
+
+
+@pytest.mark.parametrize("name,expected", [("tiny", 62_191_941), ("small", 64_076_853),
+                                           ("big", 69_731_589)])
+def test_param_counts_match_monai(name, expected):
+  model = models.SwinUNETR(4, 3, feature_size=48, depths=models.decode_size(name))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 32, 4)))
+  ours = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes["params"]))
+  theirs = sum(p.numel() for p in monai_nets.SwinUNETR(
+      in_channels=4, out_channels=3, feature_size=48, depths=models.decode_size(name)).parameters())
+  print(f"\n[{name}] params ours {ours:,} MONAI {theirs:,}")
+  assert ours == theirs == expected
+
+
+def _encoder_loss(model, params, x):
+  return sum(jnp.sum(h ** 2) for h in model.apply({"params": params}, x))
+
+
+def test_remat_same_gradients():
+  x = jax.random.normal(jax.random.key(5), (1, 32, 32, 32, 1))
+  plain = models.SwinTransformer(1, F)
+  params = _perturb_jax(plain.init(jax.random.key(6), x)["params"], 6)
+  grads = [jax.jit(jax.grad(lambda p, m=m: _encoder_loss(m, p, x)))(params)
+           for m in (plain, models.SwinTransformer(1, F, remat=True))]
+  diff = max(float(jnp.abs(a - b).max()) for a, b in zip(*map(jax.tree.leaves, grads)))
+  print(f"\n[remat] max-abs gradient diff {diff:.2e}")
+  assert diff <= 1e-5
+
+
+def test_bf16_runs_and_stays_close():
+  x = jax.random.normal(jax.random.key(7), (1, 32, 32, 32, 2))
+  f32 = models.SwinUNETR(2, 3, feature_size=F)
+  params = _perturb_jax(f32.init(jax.random.key(8), x)["params"], 8)
+  ref = jax.jit(f32.apply)({"params": params}, x)
+  out = jax.jit(models.SwinUNETR(2, 3, feature_size=F, dtype=jnp.bfloat16).apply)({"params": params}, x)
+  assert out.dtype == jnp.bfloat16
+  rel = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+  print(f"\n[bf16] relative L2 error of logits vs fp32: {rel:.3e}")
+  assert rel < 0.05
+
+
+def test_dropout_and_stochastic_depth_use_the_dropout_rng():
+  model = models.SwinTransformer(1, F, drop_rate=0.1, attn_drop_rate=0.1, dropout_path_rate=0.2)
+  x = jax.random.normal(jax.random.key(9), (2, 32, 32, 32, 1))
+  params = model.init(jax.random.key(10), x)["params"]
+  run = jax.jit(lambda p, x, k: model.apply({"params": p}, x, deterministic=False,
+                                            rngs={"dropout": k})[-1])
+  a, b, c = run(params, x, jax.random.key(1)), run(params, x, jax.random.key(1)), run(params, x, jax.random.key(2))
+  det = model.apply({"params": params}, x)[-1]
+  np.testing.assert_array_equal(a, b)
+  assert float(jnp.abs(a - c).max()) > 1e-3 and float(jnp.abs(a - det).max()) > 1e-3
+
+
+def test_input_size_rule():
+  models.check_input_size((32, 64, 96))
+  with pytest.raises(ValueError, match=r"multiple of 2\*\*5 = 32"):
+    models.check_input_size((48, 64, 64))
+  with pytest.raises(ValueError, match="32"):
+    models.SwinUNETR(1, 2, feature_size=F).init(jax.random.key(0), jnp.zeros((1, 32, 40, 32, 1)))
+
+
+def test_decode_size():
+  assert models.decode_size("Small") == (2, 2, 6, 2) == models.SIZES["small"]
+  assert models.decode_size("2,2,4,2") == (2, 2, 4, 2)
+  assert models.decode_size([2, 2, 18, 2]) == models.SIZES["big"]
+  with pytest.raises(ValueError, match="huge"):
+    models.decode_size("huge")
