@@ -64,7 +64,8 @@ def _l2_normalize(z: Array, eps: float = 1e-12) -> Array:
   return z / jnp.maximum(norm, eps)
 
 
-def contrastive_loss(z1: Array, z2: Array, temperature: float = 0.5) -> Array:
+def contrastive_loss(z1: Array, z2: Array, temperature: float = 0.5, *,
+                     mask: Array | None = None, num_groups: int = 1) -> Array:
   """NT-Xent loss between two views (reference `Contrast`, global negatives).
 
   Row i of the 2B x 2B cosine-similarity matrix of [z1; z2] has its positive at
@@ -72,14 +73,21 @@ def contrastive_loss(z1: Array, z2: Array, temperature: float = 0.5) -> Array:
   except the diagonal (so it includes the positive). The loss is
   sum_i -log(exp(pos_i / T) / sum_{j != i} exp(sim_ij / T)) / 2B.
 
-  All 2B - 2 other samples of the batch passed in are negatives. Called on a
-  globally sharded batch this means negatives from all devices, unlike the
-  reference's per-GPU negatives (see module docstring and docs/ssl.md).
+  By default all 2B - 2 other samples of the batch passed in are negatives.
+  Called on a globally sharded batch this means negatives from all devices,
+  unlike the reference's per-GPU negatives (see module docstring and
+  docs/ssl.md). `num_groups=G` restricts negatives to G consecutive groups of
+  B / G samples and averages the per-group losses: with G = number of GPUs in
+  the reference this is exactly its DistributedDataParallel loss.
 
   Args:
     z1: [B, E] embeddings of view 1.
     z2: [B, E] embeddings of view 2 (row i is the positive of z1 row i).
     temperature: softmax temperature T.
+    mask: optional [B] bool, False for padding samples: they are neither
+      anchors nor negatives, and the mean runs over the 2 * sum(mask) valid
+      anchors (0 if there are none).
+    num_groups: number of negative groups; must divide B.
 
   Returns:
     Scalar float32 loss.
@@ -89,16 +97,29 @@ def contrastive_loss(z1: Array, z2: Array, temperature: float = 0.5) -> Array:
         f"contrastive_loss expects z1, z2 of equal shape [B, E]; got "
         f"{z1.shape} and {z2.shape}")
   b = z1.shape[0]
+  if num_groups < 1 or b % num_groups:
+    raise ValueError(f"contrastive_loss: batch {b} is not divisible by "
+                     f"num_groups={num_groups}")
   z = jnp.concatenate([_l2_normalize(_f32(z1)), _l2_normalize(_f32(z2))], 0)
   # HIGHEST precision: on GPU/TPU the default matmul precision would round the
   # similarities to bf16, which is visible at T = 0.5.
   sim = jnp.matmul(z, z.T, precision=jax.lax.Precision.HIGHEST) / temperature
   n = 2 * b
-  eye = jnp.eye(n, dtype=bool)
-  log_denom = jax.nn.logsumexp(jnp.where(eye, -jnp.inf, sim), axis=1)
-  pos_index = (jnp.arange(n) + b) % n
-  pos = jnp.take_along_axis(sim, pos_index[:, None], axis=1)[:, 0]
-  return jnp.mean(log_denom - pos)
+  rows = jnp.arange(n)
+  allowed = rows[:, None] != rows[None, :]
+  if num_groups > 1:
+    group = (rows % b) // (b // num_groups)
+    allowed &= group[:, None] == group[None, :]
+  valid = jnp.ones((n,), bool)
+  if mask is not None:
+    if mask.shape != (b,):
+      raise ValueError(f"contrastive_loss: mask shape {mask.shape} != ({b},)")
+    valid = jnp.concatenate([mask, mask]).astype(bool)
+    allowed &= valid[None, :]
+  log_denom = jax.nn.logsumexp(jnp.where(allowed, sim, -jnp.inf), axis=1)
+  pos = jnp.take_along_axis(sim, ((rows + b) % n)[:, None], axis=1)[:, 0]
+  per_anchor = jnp.where(valid, log_denom - pos, 0.0)
+  return jnp.sum(per_anchor) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def reconstruction_loss(pred: Array, target: Array) -> Array:
@@ -130,6 +151,7 @@ def ssl_loss(
     w_con: float = 1.0,
     w_rec: float = 1.0,
     temperature: float = 0.5,
+    con_groups: int = 1,
 ) -> tuple[Array, Mapping[str, Array]]:
   """The BrainSegFounder SSL objective (reference `Loss`, alpha1..3 = weights).
 
@@ -148,6 +170,8 @@ def ssl_loss(
     w_con: weight of the contrastive loss.
     w_rec: weight of the reconstruction loss.
     temperature: NT-Xent temperature.
+    con_groups: NT-Xent negative groups (`contrastive_loss(num_groups=...)`);
+      1 = global negatives.
 
   Returns:
     (total, parts): total = w_rot*rot + w_con*con + w_rec*rec, and parts the
@@ -159,7 +183,7 @@ def ssl_loss(
         f"{z1.shape[0]}; expected 2B rows (view 1 then view 2)")
   parts = {
       "rot": rotation_loss(rot_logits, rot_labels),
-      "con": contrastive_loss(z1, z2, temperature),
+      "con": contrastive_loss(z1, z2, temperature, num_groups=con_groups),
       "rec": reconstruction_loss(recon, recon_target),
   }
   total = w_rot * parts["rot"] + w_con * parts["con"] + w_rec * parts["rec"]

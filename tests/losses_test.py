@@ -57,6 +57,27 @@ def test_contrastive_edge_cases():
   np.testing.assert_allclose(got_t, want_t.item(), rtol=RTOL, atol=ATOL)
 
 
+def test_contrastive_groups_and_mask():
+  rng = np.random.default_rng(2)
+  b, e = 6, 16
+  z1 = rng.normal(size=(b, e)).astype(np.float32)
+  z2 = rng.normal(size=(b, e)).astype(np.float32)
+  t1, t2 = torch.from_numpy(z1), torch.from_numpy(z2)
+  # num_groups = 3: the DDP average of three per-GPU losses with B_local = 2.
+  want = np.mean([ref.Contrast(2)(t1[g:g + 2], t2[g:g + 2]).item()
+                  for g in (0, 2, 4)])
+  np.testing.assert_allclose(losses.contrastive_loss(z1, z2, num_groups=3),
+                             want, rtol=RTOL, atol=ATOL)
+  # A mask removes samples as anchors and as negatives.
+  mask = np.array([True, False, True, True, False, True])
+  want_m = ref.Contrast(4)(t1[mask], t2[mask]).item()
+  np.testing.assert_allclose(losses.contrastive_loss(z1, z2, mask=mask),
+                             want_m, rtol=RTOL, atol=ATOL)
+  assert losses.contrastive_loss(z1, z2, mask=np.zeros(b, bool)) == 0.0
+  with pytest.raises(ValueError, match="num_groups=4"):
+    losses.contrastive_loss(z1, z2, num_groups=4)
+
+
 def test_ssl_loss_matches_reference_and_bf16():
   rng = np.random.default_rng(1)
   b = 2
