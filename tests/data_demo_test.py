@@ -15,8 +15,9 @@ from bsf_jax.data import io
 @pytest.fixture(scope="module")
 def cohorts(tmp_path_factory):
   root = tmp_path_factory.mktemp("demo")
-  a = demo.write_demo_cohort(str(root / "a"), subjects=2, seed=0, small=True)
-  assert demo.main(["--out", str(root / "b"), "--subjects", "2", "--seed", "0", "--small"]) == 0
+  a = demo.write_demo_cohort(str(root / "a"), subjects=2, seed=0, small=True, workers=1)
+  assert demo.main(["--out", str(root / "b"), "--subjects", "2", "--seed", "0", "--small",
+                    "--workers", "2"]) == 0
   c = demo.write_demo_cohort(str(root / "c"), subjects=2, seed=1, small=True, workers=1)
   return root, a, c
 
@@ -54,6 +55,7 @@ def test_layouts_shapes_and_orientation(cohorts):
 
 
 def test_same_seed_same_bytes_other_seed_differs(cohorts):
+  """a: in process, b: CLI with 2 worker processes; c: another seed."""
   root, _, _ = cohorts
   names = _files(root / "a")
   assert names == _files(root / "b")

@@ -19,7 +19,8 @@ ROI = (16, 16, 16)
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-  return demo.write_demo_cohort(str(tmp_path_factory.mktemp("demo")), subjects=5, seed=0, small=True)
+  return demo.write_demo_cohort(str(tmp_path_factory.mktemp("demo")), subjects=5, seed=0, small=True,
+                                  workers=1)
 
 
 def _cfg(cohort, dataset="ukb", **kw):

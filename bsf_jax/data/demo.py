@@ -26,6 +26,7 @@ import concurrent.futures
 import functools
 import importlib.util
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -349,7 +350,10 @@ def write_demo_cohort(out: str, subjects: int = DEFAULT_SUBJECTS, seed: int = 0,
   if workers == 1:
     results = [_subject(roots[d], d, i, seed, small) for d, i in jobs]
   else:
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    # Forked workers inherit the template cache built above, but forking a
+    # process that runs JAX threads can deadlock: spawn in that case.
+    ctx = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
       results = list(pool.map(_subject, [roots[d] for d, _ in jobs], *zip(*jobs),
                               [seed] * len(jobs), [small] * len(jobs)))
   by = {d: [r for (dd, _), r in zip(jobs, results) if dd == d] for d in datasets}
