@@ -116,13 +116,15 @@ def default_max_boxes(spatial_shape: Sequence[int], max_drop: float = 0.3,
   for n, (lo, hi) in zip(spatial_shape,
                          block_limits(spatial_shape, max_block_sz, tolr)):
     starts = np.arange(0, n - lo)[:, None]
-    sides = np.minimum(np.arange(lo, hi)[None, :], n - starts).astype(np.float64)
+    sides = np.minimum(np.arange(lo, hi)[None, :], n - starts)
+    sides = sides.astype(np.float64)
     mean *= sides.mean()
     second *= (sides**2).mean()
   sigma = math.sqrt(max(second - mean * mean, 0.0))
   target = max_drop * float(np.prod(spatial_shape))
   z = _MAX_BOXES_Z
-  root = (z * sigma + math.sqrt((z * sigma)**2 + 4 * mean * target)) / (2 * mean)
+  root = (z * sigma + math.sqrt((z * sigma)**2 + 4 * mean * target))
+  root /= 2 * mean
   return max(1, math.ceil(root * root))
 
 

@@ -43,6 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
   # FSDP axis size (params and optimizer state are split over it); 1 = plain
   # data parallelism with replicated params, as in the reference (DDP).
   c.fsdp = 1
+  # Use only the first N devices (0 = all): debugging on one GPU of a node,
+  # or tests on 1 of 8 fake CPU devices.
+  c.num_devices = 0
   return c
 
 
@@ -58,6 +61,11 @@ def create_mesh(cfg: ml_collections.ConfigDict,
     A `jax.sharding.Mesh` with Auto axis types.
   """
   devices = list(jax.devices() if devices is None else devices)
+  if cfg.get("num_devices", 0) > 0:
+    if cfg.num_devices > len(devices):
+      raise ValueError(f"config.mesh.num_devices={cfg.num_devices} but only "
+                       f"{len(devices)} devices are available")
+    devices = devices[:cfg.num_devices]
   n = len(devices)
   sizes = [int(cfg.data), int(cfg.fsdp)]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):

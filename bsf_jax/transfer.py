@@ -41,7 +41,13 @@ def load_source(path: str) -> tuple[dict[str, Any], tuple[str, ...] | None]:
       raise TransferError(
           f"config.init_from={path!r} is a file but not a PyTorch/safetensors "
           f"file ({', '.join(_TORCH_SUFFIXES)})")
-    return load_torch_params(path), None
+    try:
+      return load_torch_params(path), None
+    except Exception as e:
+      # torch/safetensors errors (a refused pickle, a truncated zip) do not
+      # say which file; the user needs to know it was config.init_from.
+      raise TransferError(f"config.init_from={path!r}: cannot read weights "
+                          f"({type(e).__name__}: {e})") from e
   from bsf_jax import checkpointing
   params, meta, step = checkpointing.restore_params(path, "latest")
   modalities = meta.get("contract", {}).get("modalities")

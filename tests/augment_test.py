@@ -258,7 +258,8 @@ def test_make_views_layout():
   # View 1 is aug(targets[:B]), view 2 is aug(targets[B:]): each drop covers
   # at most ~30% + one box, so most voxels of a view equal its own target.
   for view, tgt in ((v1, targets[:b]), (v2, targets[b:])):
-    assert (np.asarray(view) == np.asarray(tgt)).mean(axis=(1, 2, 3, 4)).min() > 0.3
+    same = np.asarray(view) == np.asarray(tgt)
+    assert same.mean(axis=(1, 2, 3, 4)).min() > 0.3
 
 
 def test_reference_port_runs():

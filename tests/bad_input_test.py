@@ -14,6 +14,7 @@ share one 2-step stage-1 workdir.
 
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -237,3 +238,291 @@ def _digest(root):
       with open(path, "rb") as f:
         out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
   return out
+
+
+# --- Configs ------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_config(name, arg="runlocal"):
+  path = os.path.join(ROOT, "configs", name + ".py")
+  spec = importlib.util.spec_from_file_location(f"bad_input_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("data.roi", (48, 48, 48), "config.data.roi=(48, 48, 48)"),
+    ("model.num_heads", (1, 5, 1, 1), "config.model.num_heads[1]=5"),
+    ("model.num_heads", (1, 1, 1), "one entry per stage"),
+    ("data.batch_size", 3, "config.data.batch_size=3"),
+    ("train.nonfinite", "ignore", "config.train.nonfinite='ignore'"),
+    ("train.num_steps", 0, "config.train.num_steps=0"),
+])
+def test_config_invalid_value(key, value, needle):
+  from bsf_jax import config_lib
+  config = _load_config("stage1")
+  block, field = key.split(".")
+  config[block][field] = value
+  with pytest.raises(ValueError, match=re.escape(needle)):
+    config_lib.validate(config)
+
+
+def test_config_unknown_argument():
+  with pytest.raises(ValueError, match="Unknown config argument 'sise'"):
+    _load_config("stage1", "sise=small")
+
+
+def test_config_batch_not_divisible_by_devices(tmp_path):
+  """8 fake devices (conftest) and a global batch of 2: named, before any
+  file is written."""
+  from bsf_jax.trainers import pretrain
+  config = _load_config("stage1")
+  config.data.datalist = _ukb(tmp_path)
+  workdir = tmp_path / "w"
+  with pytest.raises(ValueError, match=r"batch_size=2 is not divisible by the "
+                     r"8 devices"):
+    pretrain.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+
+
+# --- Checkpoints --------------------------------------------------------------
+
+
+def _stage1(datalist, **overrides):
+  """The runlocal stage-1 config on 8 fake devices (global batch 8)."""
+  config = _load_config("stage1")
+  config.data.datalist = datalist
+  config.data.batch_size = 8
+  for key, value in overrides.items():
+    block, field = key.split(".")
+    config[block][field] = value
+  return config
+
+
+def _zero_state(config):
+  """The loop's TrainState for `config`, as zeros on the host.
+
+  Built through the loop's own model/optimizer/state functions, traced with
+  eval_shape: the structure is the real one and nothing is compiled.
+  """
+  import jax
+  from bsf_jax import optim, sharding, train_state
+  from bsf_jax.trainers import loop
+  mesh = sharding.create_mesh(config.mesh)
+  model = loop.build_model(config)
+  optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
+  shape = (config.data.batch_size, *config.data.roi,
+           loop.model_in_channels(config))
+  abstract = jax.eval_shape(lambda key: train_state.create_train_state(
+      model, optimizer, key, shape, mesh, fsdp=False)[0], jax.random.key(0))
+  return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A workdir with a checkpoint at step 1, saved as the loop saves it."""
+  from bsf_jax import checkpointing, config_lib
+  from bsf_jax.trainers import loop
+  tmp = tmp_path_factory.mktemp("ckpt")
+  config = _stage1(_ukb(tmp))
+  it = pipeline.make_train_iter(config.data, task="ssl", seed=config.seed)
+  next(it)
+  workdir = str(tmp / "run")
+  manager = checkpointing.make_manager(workdir)
+  checkpointing.save(manager, 1, _zero_state(config), it,
+                     dict(contract=loop.input_contract(config)), force=True)
+  manager.wait_until_finished()
+  manager.close()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config_lib.to_json(config))
+  return dict(workdir=workdir, datalist=config.data.datalist)
+
+
+def _resume_fails(run, exc, *needles, **overrides):
+  """Reruns `run`'s workdir with a changed config: it fails, and the
+  workdir (checkpoints, config.json) is byte-identical afterwards."""
+  from bsf_jax.trainers import pretrain
+  before = _digest(run["workdir"])
+  with pytest.raises(exc) as info:
+    pretrain.train_and_evaluate(_stage1(run["datalist"], **overrides),
+                                run["workdir"])
+  for needle in needles:
+    assert needle in str(info.value), str(info.value)
+  assert _digest(run["workdir"]) == before
+  return info.value
+
+
+def test_ckpt_resume_with_wrong_model_size(run):
+  from bsf_jax import checkpointing
+  _resume_fails(run, checkpointing.ContractError, "checkpoints/1",
+                "model", "'feature_size': 12", "'feature_size': 24",
+                **{"model.feature_size": 24})
+
+
+def test_ckpt_resume_with_wrong_channels(run):
+  from bsf_jax import checkpointing
+  _resume_fails(run, checkpointing.ContractError, "modalities",
+                "['t1', 'flair']", "['t1']", **{"data.modalities": ("t1",)})
+
+
+def test_ckpt_resume_with_different_input_contract(run):
+  from bsf_jax import checkpointing
+  _resume_fails(run, checkpointing.ContractError, "intensity",
+                "ct_window", **{"data.intensity": "zscore_nonzero"})
+
+
+def _copy_run(run, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(run["workdir"], workdir)
+  return dict(run, workdir=workdir)
+
+
+def test_ckpt_corrupt_metadata(run, tmp_path):
+  run = _copy_run(run, tmp_path)
+  meta = os.path.join(run["workdir"], "checkpoints", "1", "meta", "metadata")
+  with open(meta, "w") as f:
+    f.write('{"contract": ')
+  _resume_fails(run, ValueError, meta, "corrupt")
+
+
+def test_ckpt_truncated_array_file(run, tmp_path):
+  """Restore (as the loop calls it) of a checkpoint with a cut array file."""
+  import jax
+  from bsf_jax import checkpointing
+  run = _copy_run(run, tmp_path)
+  state_dir = os.path.join(run["workdir"], "checkpoints", "1", "state")
+  files = [os.path.join(d, f) for d, _, fs in os.walk(state_dir) for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  before = _digest(run["workdir"])
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      _zero_state(_stage1(run["datalist"])))
+  manager = checkpointing.make_manager(run["workdir"], read_only=True)
+  with pytest.raises(Exception) as info:
+    checkpointing.restore(manager, 1, abstract, None)
+  assert "checkpoints/1" in str(info.value), str(info.value)
+  assert _digest(run["workdir"]) == before
+
+
+def _load_into_fails(run, exc, source, *needles, **overrides):
+  """`transfer.load_into` (what the loop calls for config.init_from) into a
+  model built from the changed config; `run` stays intact."""
+  from bsf_jax import transfer
+  from bsf_jax.trainers import loop
+  before = _digest(run["workdir"])
+  config = _stage1(run["datalist"], **overrides)
+  config.init_from = source
+  params = _zero_state(config).params
+  with pytest.raises(exc) as info:
+    transfer.load_into(config, loop.build_model(config), params)
+  for needle in needles:
+    assert needle in str(info.value), str(info.value)
+  assert _digest(run["workdir"]) == before
+
+
+def test_ckpt_init_from_missing(run, tmp_path):
+  missing = str(tmp_path / "no_such_run")
+  _load_into_fails(run, FileNotFoundError, missing,
+                   f"config.init_from={missing!r} does not exist")
+
+
+def test_ckpt_init_from_wrong_model_size(run):
+  from bsf_jax import transfer
+  _load_into_fails(run, transfer.TransferError, run["workdir"],
+                   "shape mismatches", "patch_embed",
+                   **{"model.feature_size": 24})
+
+
+def test_ckpt_init_from_wrong_channels(run):
+  from bsf_jax import transfer
+  _load_into_fails(run, transfer.TransferError, run["workdir"],
+                   "patch_embed", "init_adapt_channels",
+                   **{"data.modalities": ("t1",)})
+
+
+def test_ckpt_init_from_unknown_file_type(run, tmp_path):
+  from bsf_jax import transfer
+  path = tmp_path / "weights.npz"
+  path.write_bytes(b"not weights")
+  _load_into_fails(run, transfer.TransferError, str(path), str(path),
+                   "not a PyTorch/safetensors file")
+
+
+def test_ckpt_init_from_truncated_torch_file(run, tmp_path):
+  torch = pytest.importorskip("torch")
+  path = tmp_path / "weights.pt"
+  torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+  raw = path.read_bytes()
+  path.write_bytes(raw[:len(raw) // 2])
+  _load_into_fails(run, Exception, str(path), str(path))
+
+
+def test_ckpt_export_from_empty_workdir(tmp_path):
+  from bsf_jax import checkpointing
+  os.makedirs(tmp_path / "empty" / "checkpoints")
+  with pytest.raises(FileNotFoundError, match="No complete checkpoint in"):
+    checkpointing.restore_params(str(tmp_path / "empty"))
+
+
+# --- Command line -------------------------------------------------------------
+
+_CLI_CASES = {
+    # name: (arguments after `python -m bsf_jax.main`, text naming the culprit)
+    "missing_workdir": (["--config=configs/stage1.py:runlocal"],
+                        "--workdir"),
+    "unexpected_argument": (["--config=configs/stage1.py:runlocal",
+                             "{workdir}", "extra"], "Unexpected arguments"),
+    "missing_config_file": (["--config=configs/nope.py", "{workdir}"],
+                            "configs/nope.py"),
+    "unknown_config_argument": (["--config=configs/stage1.py:sise=small",
+                                 "{workdir}"], "'sise'"),
+    "unknown_override_key": (["--config=configs/stage1.py:runlocal",
+                              "{workdir}", "--config.train.bogus=1"],
+                             "bogus"),
+    "override_wrong_type": (["--config=configs/stage1.py:runlocal",
+                             "{workdir}", "--config.train.num_steps=many"],
+                            "many"),
+    "unknown_trainer": (["--config=configs/stage1.py:runlocal", "{workdir}",
+                         "--config.trainer=distill"], "'distill'"),
+    "roi_not_multiple_of_32": (["--config=configs/stage1.py:runlocal",
+                                "{workdir}", "--config.data.roi=(40,40,40)"],
+                               "config.data.roi=(40, 40, 40)"),
+    "contract_mismatch": (["--config=configs/stage1.py:runlocal",
+                           "{workdir}", "--config.data.intensity=percentile",
+                           "--config.data.datalist={datalist}"],
+                          "intensity"),
+}
+
+
+def test_cli_bad_arguments_fail_and_leave_workdir_intact(run):
+  """Each case runs the real CLI against an existing run's workdir."""
+  import subprocess
+  import sys
+  before = _digest(run["workdir"])
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  procs = {}
+  for name, (args, _) in _CLI_CASES.items():
+    args = [a.format(workdir=f"--workdir={run['workdir']}",
+                     datalist=run["datalist"]) for a in args]
+    # The runs share 2 cores: start them together so the imports overlap.
+    procs[name] = subprocess.Popen(
+        [sys.executable, "-m", "bsf_jax.main", *args,
+         "--config.data.batch_size=8"],  # 8 devices, as the fixture's run.
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+  failures = []
+  for name, proc in procs.items():
+    out, err = proc.communicate(timeout=300)
+    needle = _CLI_CASES[name][1]
+    if proc.returncode == 0 or needle not in out + err:
+      failures.append(f"{name}: exit {proc.returncode}, {needle!r} not in "
+                      f"output:\n{(out + err)[-1500:]}")
+  assert not failures, "\n\n".join(failures)
+  assert _digest(run["workdir"]) == before

@@ -1,4 +1,4 @@
-"""Tests for bsf_jax.losses against the torch reference and real MONAI losses."""
+"""Tests for bsf_jax.losses against the torch reference and real MONAI."""
 
 import numpy as np
 import pytest

@@ -43,6 +43,7 @@ def _tiny(config, datalist, steps):
   config.data.root = os.path.dirname(datalist)
   config.data.roi = (32, 32, 32)
   config.data.workers = 0
+  config.mesh.num_devices = 1
   config.model.update(feature_size=12, depths=(1, 1, 1, 1),
                       num_heads=(1, 1, 1, 1))
   config.train.num_steps = steps
@@ -84,7 +85,7 @@ def test_pretrain_resume_transfer_finetune_export(cohort, tmp_path, caplog):
 
   # Stage 2 (BraTS, 4 channels) from stage 1 (2 channels): mapped by name.
   s2 = str(tmp_path / "s2")
-  config = _tiny(load_config("stage2_brats", "runlocal=True"), brats, 1)
+  config = _tiny(load_config("stage2_brats", "runlocal=True"), brats, 2)
   config.init_from = s1
   config.train.eval_every = 0
   state = pretrain.train_and_evaluate(config, s2)
@@ -94,7 +95,7 @@ def test_pretrain_resume_transfer_finetune_export(cohort, tmp_path, caplog):
 
   # Stage 3 from stage 2, then export to MONAI and load strictly.
   s3 = str(tmp_path / "s3")
-  config = _tiny(load_config("stage3_brats", "runlocal=True"), brats, 1)
+  config = _tiny(load_config("stage3_brats", "runlocal=True"), brats, 2)
   config.init_from = s2
   config.train.eval_every = 0
   config.data.num_samples = 1
@@ -126,7 +127,8 @@ def test_cli_dry_run_prints_plan(cohort, tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "bsf_jax.main", "--config=configs/stage1.py:runlocal",
        f"--workdir={tmp_path / 'dry'}", "--dry_run",
-       f"--config.data.datalist={ukb}", "--config.data.workers=0"],
+       f"--config.data.datalist={ukb}", "--config.data.workers=0",
+       "--config.mesh.num_devices=1"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   for needle in ("mesh:", "per device", "params:", "first batch image"):

@@ -175,3 +175,192 @@ def test_killed_data_worker_errors_instead_of_hanging(tmp_path, cohort):
   line = result.stdout.strip().splitlines()[-1]
   assert "Worker process was terminated unexpectedly" in line, line
   assert float(line.split()[2].rstrip("s:")) < 30, line
+
+
+# --- Training runs through the real CLI --------------------------------------
+
+NUM_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+  """One persistent compilation cache for every training subprocess."""
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def _train_cmd(workdir, datalist, *extra):
+  return [sys.executable, "-m", "bsf_jax.main",
+          "--config=configs/stage1.py:runlocal", f"--workdir={workdir}",
+          f"--config.data.datalist={datalist}",
+          f"--config.train.num_steps={NUM_STEPS}",
+          # A checkpoint every step: the kill can land anywhere, mid-save too.
+          "--config.train.ckpt_every=1", "--config.train.keep_last=2",
+          "--config.train.eval_every=0", *extra]
+
+
+def _start(cmd, xla_cache, log):
+  # 2 CPU devices: the runlocal batch of 2 splits over a real 2-way mesh.
+  env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_COMPILATION_CACHE_DIR=xla_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  out = open(log, "w")
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
+                          stderr=subprocess.STDOUT)
+
+
+def _finish(proc, log, timeout=300):
+  try:
+    proc.wait(timeout=timeout)
+  finally:
+    if proc.poll() is None:  # Timed out: leave no training process behind.
+      proc.kill()
+      proc.wait()
+  with open(log) as f:
+    return proc.returncode, f.read()
+
+
+def _steps(workdir):
+  path = os.path.join(workdir, "checkpoints")
+  return sorted(int(e) for e in os.listdir(path) if e.isdigit()) if (
+      os.path.isdir(path)) else []
+
+
+def _params(workdir, step="latest"):
+  import jax
+  from bsf_jax import checkpointing
+  params, _, got = checkpointing.restore_params(workdir, step)
+  return {"/".join(str(k.key) for k in path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}, got
+
+
+def _kill_then_resume(cmd, workdir, xla_cache, tmp_path, at_step, sig):
+  """Runs `cmd`, sends `sig` once checkpoint `at_step` exists, reruns it."""
+  log = str(tmp_path / f"{os.path.basename(workdir)}_1.log")
+  proc = _start(cmd, xla_cache, log)
+  try:
+    deadline = time.monotonic() + 300
+    while not [s for s in _steps(workdir) if s >= at_step]:
+      assert proc.poll() is None, open(log).read()[-3000:]
+      assert time.monotonic() < deadline, "no checkpoint within 300 s"
+      time.sleep(0.02)
+    proc.send_signal(sig)
+    rc, text = _finish(proc, log)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  interrupted_at = max(_steps(workdir))
+  # Otherwise the run finished before the signal and nothing was tested.
+  assert interrupted_at < NUM_STEPS, (interrupted_at, text[-3000:])
+  log2 = str(tmp_path / f"{os.path.basename(workdir)}_2.log")
+  return rc, text, interrupted_at, _start(cmd, xla_cache, log2), log2
+
+
+def test_exact_resume_after_sigkill_and_sigterm(cohort, xla_cache, tmp_path):
+  """Killed at two steps (SIGKILL) and preempted once (SIGTERM): resumed
+  runs end bit-identical to an uninterrupted one."""
+  datalist = cohort["ukb"]["datalist"]
+  ref = str(tmp_path / "ref")
+  rc, text = _finish(_start(_train_cmd(ref, datalist), xla_cache,
+                            str(tmp_path / "ref.log")), str(tmp_path / "ref.log"))
+  assert rc == 0, text[-3000:]
+  expected, step = _params(ref)
+  assert step == NUM_STEPS
+
+  # The three interrupted runs go side by side; each reuses the cache.
+  cases = {"kill2": (2, signal.SIGKILL), "kill5": (5, signal.SIGKILL),
+           "term3": (3, signal.SIGTERM)}
+  resumed = {}
+  for name, (at, sig) in cases.items():
+    workdir = str(tmp_path / name)
+    rc, text, interrupted_at, proc, log = _kill_then_resume(
+        _train_cmd(workdir, datalist), workdir, xla_cache, tmp_path, at, sig)
+    if sig == signal.SIGKILL:
+      assert rc == -signal.SIGKILL, text[-3000:]
+    else:
+      # Preemption: a final save, then a clean exit.
+      assert rc == 0, text[-3000:]
+      assert "SIGTERM received" in text and "Preempted: saved step" in text
+    resumed[name] = (workdir, interrupted_at, proc, log)
+  for name, (workdir, interrupted_at, proc, log) in resumed.items():
+    rc, text = _finish(proc, log)
+    assert rc == 0, (name, text[-3000:])
+    assert f"Resumed from" in text and f"step {interrupted_at}" in text, (
+        name, text[-3000:])
+    got, step = _params(workdir)
+    assert step == NUM_STEPS
+    assert got.keys() == expected.keys()
+    different = [k for k in expected if not np.array_equal(expected[k], got[k])]
+    assert not different, (name, interrupted_at, different[:5])
+
+
+# --- Non-finite guard ---------------------------------------------------------
+
+# The injection mechanism: the real CLI's main(), with the one function that
+# turns host batches into device arrays wrapped so that the BAD_STEP-th
+# training batch (eval batches carry a "mask") is all NaN. The NaN then flows
+# through the real model, loss, gradients and guard.
+_POISONED_MAIN = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from absl import app
+    from bsf_jax import main as main_lib
+    from bsf_jax.data import pipeline
+
+    BAD_STEP = int(sys.argv.pop(1))
+    _real = pipeline.to_global_batch
+    _train_batches = [0]
+
+    def _poisoned(batch, sharding):
+      if "mask" not in batch:
+        _train_batches[0] += 1
+        if _train_batches[0] == BAD_STEP:
+          batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      return _real(batch, sharding)
+
+    pipeline.to_global_batch = _poisoned
+
+    if __name__ == "__main__":
+      app.run(main_lib.main)
+""")
+
+
+def test_nonfinite_skip_and_halt(cohort, xla_cache, tmp_path):
+  script = tmp_path / "poisoned_main.py"
+  script.write_text(_POISONED_MAIN)
+  datalist = cohort["ukb"]["datalist"]
+  bad = 3
+  runs = {}
+  for mode in ("skip", "halt"):
+    workdir = str(tmp_path / mode)
+    cmd = _train_cmd(workdir, datalist, f"--config.train.nonfinite={mode}",
+                     "--config.train.keep_last=20",
+                     # Logged every 2 steps: "halt" must still never save
+                     # a checkpoint after the bad step.
+                     "--config.train.log_every=2")
+    cmd[1:3] = [str(script), str(bad)]  # `-m bsf_jax.main` -> the wrapper.
+    log = str(tmp_path / f"{mode}.log")
+    runs[mode] = (workdir, _start(cmd, xla_cache, log), log)
+
+  workdir, proc, log = runs["skip"]
+  rc, text = _finish(proc, log)
+  assert rc == 0, text[-3000:]
+  assert f"Non-finite loss/gradients at steps [{bad}]" in text, text[-3000:]
+  assert _steps(workdir)[-1] == NUM_STEPS
+  before, _ = _params(workdir, bad - 1)
+  after, _ = _params(workdir, bad)
+  later, _ = _params(workdir, bad + 1)
+  # The bad step changed nothing; the next good one trained again.
+  assert all(np.array_equal(before[k], after[k]) for k in before)
+  assert not all(np.array_equal(after[k], later[k]) for k in after)
+
+  workdir, proc, log = runs["halt"]
+  rc, text = _finish(proc, log)
+  assert rc != 0, text[-3000:]
+  assert "NonFiniteError" in text and f"at step {bad}" in text, text[-3000:]
+  assert f"last good checkpoint is step {bad - 1}" in text, text[-3000:]
+  assert _steps(workdir)[-1] == bad - 1, _steps(workdir)
+  params, step = _params(workdir)  # Intact and restorable.
+  assert step == bad - 1
+  assert all(np.isfinite(v).all() for v in params.values())

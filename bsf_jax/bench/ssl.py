@@ -214,8 +214,10 @@ def main(argv: list[str]) -> int:
         f"{side.n_params:,} params; batch {args.batch} x 2 views at "
         f"{args.roi}^3, dtype {args.dtype}, remat {args.remat}")
   _, t_compile = _timed(side.compile)
-  m0, t_first = _timed(side.step)
+  # The reference copies the initial weights, so build it before the first
+  # (donating) bsf_jax step; both first steps then see the same weights+views.
   ref = _TorchSide(args, side) if args.reference else None
+  m0, t_first = _timed(side.step)
   if ref is not None:
     ref_loss0, t_ref_first = _timed(ref.step)
     print(f"loss at step 0: jax {float(m0['loss']):.5f}  torch "

@@ -71,7 +71,8 @@ def load_image(path: str):
     path: a `.nii` or `.nii.gz` file.
 
   Returns:
-    A nibabel image whose data lives in memory (gzip) or is memory-mapped.
+    (image, raw): the nibabel image, and for gzip files the decoded bytes it
+    reads from (None for `.nii`, which nibabel memory-maps).
 
   Raises:
     DataError: the file is missing, unreadable, or a corrupt gzip.
@@ -80,10 +81,10 @@ def load_image(path: str):
     raise DataError(f"{path}: file not found")
   if path.endswith(".gz"):
     with open(path, "rb") as f:
-      raw = f.read()
-    return _nifti_from_bytes(_decompress(raw, path), path)
+      raw = _decompress(f.read(), path)
+    return _nifti_from_bytes(raw, path), raw
   try:
-    return nib.load(path)
+    return nib.load(path), None
   except Exception as e:
     raise DataError(f"{path}: not a readable NIfTI file ({e})") from e
 
@@ -142,15 +143,7 @@ def _voxels(img, raw, shape, path):
 
 
 def _decode(path: str) -> Volume:
-  if not os.path.isfile(path):
-    raise DataError(f"{path}: file not found")
-  raw = None
-  if path.endswith(".gz"):
-    with open(path, "rb") as f:
-      raw = _decompress(f.read(), path)
-    img = _nifti_from_bytes(raw, path)
-  else:
-    img = load_image(path)
+  img, raw = load_image(path)
   shape = img.shape
   # A trailing singleton time/channel axis (H, W, D, 1) is still one volume.
   while len(shape) > 3 and shape[-1] == 1:

@@ -36,7 +36,8 @@ class Contrast(torch.nn.Module):
     self.batch_size = batch_size
     self.register_buffer("temp", torch.tensor(float(temperature)))
     n = 2 * batch_size
-    self.register_buffer("neg_mask", (~torch.eye(n, n, dtype=torch.bool)).float())
+    off_diagonal = ~torch.eye(n, n, dtype=torch.bool)
+    self.register_buffer("neg_mask", off_diagonal.float())
 
   def forward(self, x_i: torch.Tensor, x_j: torch.Tensor) -> torch.Tensor:
     """Returns the scalar NT-Xent loss of views x_i, x_j ([B, E] each)."""

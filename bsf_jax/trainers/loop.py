@@ -157,6 +157,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job,
   train_iter = pipeline.make_train_iter(
       config.data, task=job.task, seed=config.seed)
 
+  # --- Checkpoints: a resume's input contract is checked before the
+  # (costly) state init, so a mismatched config fails in seconds.
+  manager = checkpointing.make_manager(
+      workdir, keep_last=config.train.keep_last,
+      keep_best=config.train.keep_best, best_metric=job.best_metric,
+      best_mode=job.best_mode)
+  contract = input_contract(config)
+  meta = dict(contract=contract)
+  step0 = manager.latest_step()
+  if step0 is not None:
+    saved = checkpointing.read_meta(manager, step0)
+    checkpointing.check_contract(saved.get("contract", {}), contract,
+                                 f"{manager.directory}/{step0}")
+
   # --- Model, optimizer, sharded state created on device.
   num_steps = config.train.num_steps
   optimizer = optim.make_optimizer(config.optim, num_steps)
@@ -167,18 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job,
       job.model, optimizer, init_rng, sample_shape, mesh,
       fsdp=config.mesh.fsdp != 1)
 
-  # --- Checkpoints and resume.
-  manager = checkpointing.make_manager(
-      workdir, keep_last=config.train.keep_last,
-      keep_best=config.train.keep_best, best_metric=job.best_metric,
-      best_mode=job.best_mode)
-  contract = input_contract(config)
-  meta = dict(contract=contract)
-  if manager.latest_step() is not None:
-    step0 = manager.latest_step()
-    saved = checkpointing.read_meta(manager, step0)
-    checkpointing.check_contract(saved.get("contract", {}), contract,
-                                 f"{manager.directory}/{step0}")
+  # --- Resume, else start from a previous stage.
+  if step0 is not None:
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         state, state_sharding)
