@@ -110,6 +110,14 @@ def test_skip_drops_bad_records_and_counts(tmp_path, bad_records):
   assert [bool(e["mask"]) for e in ev] == [True, True, False]
 
 
+def test_skip_with_every_record_broken_raises_instead_of_hanging(bad_records):
+  records = [r for r, _ in bad_records.values()]
+  it = pipeline.make_train_iter(_cfg(on_error="skip"), task="seg", seed=0, process_index=0,
+                                process_count=1, records=records)
+  with pytest.raises(DataError, match="in a row failed"):
+    next(it)
+
+
 def test_raise_from_worker_process_names_file(bad_records):
   record, expected = bad_records["truncated"]
   it = pipeline.make_train_iter(_cfg(workers=1), task="seg", seed=0, process_index=0,

@@ -194,10 +194,15 @@ def make_crops(chans, label, rng, spec: _Spec, augment: bool):
 
 
 class TrainTransform(grain.transforms.RandomMap):
-  """record -> {"image": (S, *roi, C)[, "label": (S, *roi, K)]} or None (skipped)."""
+  """record -> {"image": (S, *roi, C)[, "label": (S, *roi, K)]} or None (skipped).
 
-  def __init__(self, spec: _Spec, augment: bool):
-    self.spec, self.augment = spec, augment
+  Under on_error="skip", more consecutive failures than `max_skips` means
+  (nearly) every record is broken: raise instead of filtering forever.
+  """
+
+  def __init__(self, spec: _Spec, augment: bool, max_skips: int = 1 << 30):
+    self.spec, self.augment, self.max_skips = spec, augment, max_skips
+    self._skips = 0
 
   def random_map(self, record, rng):
     def run():
@@ -206,7 +211,13 @@ class TrainTransform(grain.transforms.RandomMap):
         return make_crops(chans, label, rng, self.spec, self.augment)
       except DataError as e:  # e.g. no foreground: name the record's files
         raise DataError(f"{', '.join(record['image'])}: {e}") from e
-    return _guard(self.spec, record, run)
+    out = _guard(self.spec, record, run)
+    self._skips = self._skips + 1 if out is None else 0
+    if self._skips > self.max_skips:
+      raise DataError(f"on_error='skip': {self._skips} records in a row failed, "
+                      f"the last {record['image']}; is the whole dataset broken? "
+                      f"(python -m bsf_jax.data.check lists every problem)")
+    return out
 
 
 class _NotSkipped(grain.transforms.Filter):
@@ -282,7 +293,9 @@ def make_train_iter(cfg, *, task: str, seed: int, process_index=None,
                     f"for {pc} processes")
   ds = grain.MapDataset.source(records).seed(seed)[pi::pc]
   ds = ds.shuffle().repeat()
-  ds = ds.random_map(TrainTransform(spec, augment=task == "seg" and spec.augment))
+  # Twice the shard in a row all failing cannot be bad luck in the shuffle.
+  ds = ds.random_map(TrainTransform(spec, augment=task == "seg" and spec.augment,
+                                    max_skips=2 * len(records) // pc + 16))
   return iter(_finish(ds, cfg, volumes))
 
 
