@@ -18,7 +18,7 @@ from bsf_jax.reference import augment as ref
 # real false-failure rate is lower still. Fixed seeds make this deterministic.
 N_DRAWS = 1500
 MC_SHAPES = [(32, 32, 32), (40, 32, 24)]
-N_KS_TESTS = len(MC_SHAPES) * 9 + 3 * 3
+N_KS_TESTS = len(MC_SHAPES) * 9 + 3 * 3 + 1
 ALPHA = 0.01 / N_KS_TESTS
 
 
@@ -130,6 +130,23 @@ def test_noise_fill_marginal_matches_reference(n):
   _ks(got, want, f"n={n} normalised value")
   _ks(np.asarray(lo), gmin, f"n={n} box min")
   _ks(np.asarray(hi), gmax, f"n={n} box max")
+
+
+def test_aug_rand_changed_fraction_matches_reference():
+  # Per-sample changed-voxel fraction of aug_rand (noise drop, then a swap
+  # drop with probability (G - 1) / G) against the sequential reference with
+  # batches of G = 4. Random normal data, so every boxed voxel changes.
+  groups, g, shape = 50, 4, (1, 24, 24, 24)
+  rng = np.random.default_rng(11)
+  theirs = []
+  for _ in range(groups):
+    x = rng.normal(size=(g,) + shape).astype(np.float32)
+    theirs.extend((ref.aug_rand(rng, x) != x).mean(axis=(1, 2, 3, 4)))
+  x = _batch(12, (groups * g, 24, 24, 24, 1))
+  out = jax.jit(functools.partial(augment.aug_rand, group_size=g))(
+      jax.random.key(13), x)
+  mine = (np.asarray(out) != np.asarray(x)).mean(axis=(1, 2, 3, 4))
+  _ks(mine, np.array(theirs), "aug_rand changed fraction")
 
 
 def test_default_max_boxes_values():
