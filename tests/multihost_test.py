@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-TIMEOUT_S = 240
+TIMEOUT_S = 480
 GLOBAL_BATCH = 8
 STEPS = 2
 
@@ -105,7 +105,9 @@ def test_two_processes_end_with_identical_params(tmp_path):
   except subprocess.TimeoutExpired:
     for p in procs:
       p.kill()
-    pytest.fail(f"2-process run did not finish in {TIMEOUT_S}s")
+    tails = [p.communicate()[0][-2000:] for p in procs]
+    pytest.fail(f"2-process run did not finish in {TIMEOUT_S}s; output:\n"
+                + "\n---\n".join(tails))
   finally:
     for p in procs:
       if p.poll() is None:
