@@ -133,3 +133,28 @@ def test_read_volume_matches_monai_load_orientation(tmp_path):
     np.testing.assert_allclose(vol.affine, np.asarray(ref.affine), atol=1e-6)
     assert vol.data.dtype == np.float32
     assert np.all(np.diag(vol.affine)[:3] > 0)
+
+
+def test_projection_box_equals_mask_box_for_any_memory_layout():
+  """foreground_box_of (max-plane + edge scan) == foreground_box(mask)."""
+  rng = np.random.default_rng(5)
+  for _ in range(60):
+    shape = tuple(int(s) for s in rng.integers(3, 12, 3))
+    c = int(rng.integers(1, 3))
+    x = np.zeros(shape + (c,), np.float32)
+    lo = [int(rng.integers(0, s)) for s in shape]
+    hi = [int(rng.integers(l + 1, s + 1)) for l, s in zip(lo, shape)]
+    x[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = rng.normal(size=[h - l for l, h in zip(lo, hi)] + [c])
+    k = tuple(int(v) for v in rng.integers(1, 5, 3))
+    layouts = {"C": [x[..., i] for i in range(c)],
+               "F": [np.asfortranarray(x[..., i]) for i in range(c)],
+               "flipped": [np.asfortranarray(x[::-1, :, ::-1, i])[::-1, :, ::-1] for i in range(c)]}
+    if not (x > 0).any():
+      with pytest.raises(DataError, match="no foreground"):
+        T.foreground_box_of(layouts["C"], 0.0, k)
+      continue
+    ref = T.foreground_box(np.any(x > 0, -1), k)
+    for name, chans in layouts.items():
+      got = T.foreground_box_of(chans, 0.0, k)
+      np.testing.assert_array_equal(got[0], ref[0], err_msg=name)
+      np.testing.assert_array_equal(got[1], ref[1], err_msg=name)

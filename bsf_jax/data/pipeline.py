@@ -21,6 +21,7 @@ Arrays are channels-last: images (H, W, D, C), batches (B, H, W, D, C).
 
 import dataclasses
 import logging
+from typing import NamedTuple, Optional
 
 import grain
 import ml_collections
@@ -126,22 +127,47 @@ class _Spec:
     return self.intensity.a_min if self.intensity.kind == "ct_window" else 0.0
 
 
-def load_record(record: dict, spec: _Spec):
+class Loaded(NamedTuple):
+  """One decoded record: C raw RAS (H, W, D) channels, label or None, affine,
+  and (training only) `transforms.max_plane` of the channels."""
+  chans: list
+  label: Optional[np.ndarray]
+  affine: np.ndarray
+  plane: Optional[tuple] = None
+
+
+def load_record(record: dict, spec: _Spec, full_check: bool = True) -> Loaded:
   """Reads and checks one record.
 
-  Returns:
-    (channels: C float32 (H, W, D) raw RAS arrays, label (H, W, D) or None,
-    affine). Channels stay separate so training crops them without first
-    copying the whole volume into one (H, W, D, C) array.
+  Channels stay separate so training crops them without first copying the
+  whole volume into one (H, W, D, C) array.
+
+  Args:
+    record: {"image": [paths], "label": path or "", "id"}.
+    spec: pipeline settings.
+    full_check: scan every voxel for NaN/Inf (eval). Training instead gets
+      NaN/+Inf from the max-projection it needs for the crop box anyway, and
+      -Inf from the crops and intensity statistics (`make_crops`): one pass
+      over the volume instead of two.
 
   Raises:
     DataError naming the file and the problem.
   """
-  vols = [io.read_volume(p, cache_dir=spec.cache_dir) for p in record["image"]]
+  vols = [io.read_volume(p, cache_dir=spec.cache_dir, check_finite=full_check)
+          for p in record["image"]]
   for v in vols[1:]:
     if v.data.shape != vols[0].data.shape:
       raise DataError(f"{v.path}: shape {v.data.shape} differs from "
                       f"{vols[0].path} {vols[0].data.shape} (modalities of one subject)")
+  plane = None
+  if not full_check:
+    planes = [T.max_plane([v.data]) for v in vols]
+    for v, (_, pl) in zip(vols, planes):
+      if not np.isfinite(pl).all():
+        bad = v.data.size - np.count_nonzero(np.isfinite(v.data))
+        raise DataError(f"{v.path}: {bad} NaN/Inf voxels")
+    if len({a for a, _ in planes}) == 1:  # same memory layout in every channel
+      plane = (planes[0][0], np.maximum.reduce([pl for _, pl in planes]))
   shape = vols[0].data.shape
   label = None
   if spec.label_format != "none":
@@ -153,7 +179,7 @@ def load_record(record: dict, spec: _Spec):
                       f"image {vols[0].path} {shape}")
     T.check_label_values(lab.data, spec.label_format, lab.path, spec.et_label)
     label = lab.data
-  return [v.data for v in vols], label, vols[0].affine
+  return Loaded([v.data for v in vols], label, vols[0].affine, plane)
 
 
 def _guard(spec, record, fn, *args):
@@ -169,18 +195,24 @@ def _guard(spec, record, fn, *args):
     return None
 
 
-def make_crops(chans, label, rng, spec: _Spec, augment: bool):
+def make_crops(loaded: Loaded, rng, spec: _Spec, augment: bool):
   """`num_samples` roi crops (+ labels) of one volume, intensity-normalised.
 
   The same voxels as the reference chain [intensity, SpatialPad(roi),
   CropForeground(k_divisible=roi), RandSpatialCropSamples(roi)], then for
   segmentation RandFlip x3 and RandScale/ShiftIntensity when `augment`.
   """
+  chans, label = loaded.chans, loaded.label
   params = spec.intensity.fit(chans)
-  start, size = T.crop_region(chans, spec.intensity.foreground_threshold, spec.roi)
+  if not all(np.isfinite(p).all() for p in params):
+    raise DataError("NaN/Inf voxels (non-finite intensity statistics)")
+  start, size = T.crop_region(chans, spec.intensity.foreground_threshold, spec.roi,
+                              loaded.plane)
   out = {"image": [], "label": []}
   for corner in T.random_crop_starts(rng, start, size, spec.roi, spec.num_samples):
     img = np.stack([T.crop_with_fill(c, corner, spec.roi, spec.raw_fill) for c in chans], -1)
+    if not np.isfinite(img.sum(dtype=np.float64)):
+      raise DataError("NaN/Inf voxels in a crop")
     img = spec.intensity.apply(img, params)
     lab = None if label is None else T.crop_with_fill(label, corner, spec.roi, 0)
     if augment:
@@ -206,9 +238,9 @@ class TrainTransform(grain.transforms.RandomMap):
 
   def random_map(self, record, rng):
     def run():
-      chans, label, _ = load_record(record, self.spec)
+      loaded = load_record(record, self.spec, full_check=False)
       try:
-        return make_crops(chans, label, rng, self.spec, self.augment)
+        return make_crops(loaded, rng, self.spec, self.augment)
       except DataError as e:  # e.g. no foreground: name the record's files
         raise DataError(f"{', '.join(record['image'])}: {e}") from e
     out = _guard(self.spec, record, run)
@@ -321,10 +353,11 @@ class EvalTransform(grain.transforms.RandomMap):
       return self._placeholder(c)
 
     def run():
-      chans, label, affine = load_record(record, self.spec)
+      loaded = load_record(record, self.spec)
+      chans, label, affine = loaded.chans, loaded.label, loaded.affine
       if self.task == "ssl":
         try:
-          out = make_crops(chans, None, rng, self.spec, augment=False)
+          out = make_crops(loaded, rng, self.spec, augment=False)
         except DataError as e:
           raise DataError(f"{record['image'][0]}: {e}") from e
         return {**out, "mask": np.ones(self.spec.num_samples, bool)}
