@@ -293,11 +293,12 @@ def _sliding_window_jit(x, predictor_args, *, roi_size, predictor, overlap,
     return jax.lax.dynamic_update_slice(vol, block, (*corner, zero))
 
   # Count map, shared by all batch elements as in MONAI ([1, *image, 1]).
+  starts_dev = jnp.asarray(starts, jnp.int32)
+
   def count_body(i, cnt):
     corner = (zero, *(starts_dev[i, d] for d in range(ndim)))
     return add_window(cnt, corner, w_map[None, ..., None])
 
-  starts_dev = jnp.asarray(starts, jnp.int32)
   count = jax.lax.fori_loop(0, n_win, count_body,
                             jnp.zeros((1, *image_size, 1), acc_dtype))
 
