@@ -166,9 +166,12 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
   except (ValueError, KeyError) as e:
+    # Orbax raises ValueError/KeyError both for a structure mismatch and for
+    # a truncated or corrupt file (e.g. a cut JSON metadata file).
     raise ValueError(
-        f"Checkpoint {manager.directory}/{step} does not match this model/"
-        f"optimizer (different size, channels or optimizer?): {e}") from e
+        f"Checkpoint {manager.directory}/{step} cannot be restored: its "
+        f"files are truncated/corrupt or it was made for a different model "
+        f"size, channels or optimizer: {e}") from e
   return restored.state, restored.meta
 
 

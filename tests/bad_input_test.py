@@ -405,9 +405,10 @@ def test_ckpt_truncated_array_file(run, tmp_path):
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
       _zero_state(_stage1(run["datalist"])))
   manager = checkpointing.make_manager(run["workdir"], read_only=True)
-  with pytest.raises(Exception) as info:
+  with pytest.raises(ValueError) as info:
     checkpointing.restore(manager, 1, abstract, None)
-  assert "checkpoints/1" in str(info.value), str(info.value)
+  assert "checkpoints/1 cannot be restored" in str(info.value), str(info.value)
+  assert "truncated/corrupt" in str(info.value)
   assert _digest(run["workdir"]) == before
 
 
