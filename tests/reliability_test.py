@@ -209,7 +209,7 @@ def _start(cmd, xla_cache, log):
                           stderr=subprocess.STDOUT)
 
 
-def _finish(proc, log, timeout=300):
+def _finish(proc, log, timeout=900):
   try:
     proc.wait(timeout=timeout)
   finally:
@@ -239,10 +239,10 @@ def _kill_then_resume(cmd, workdir, xla_cache, tmp_path, at_step, sig):
   log = str(tmp_path / f"{os.path.basename(workdir)}_1.log")
   proc = _start(cmd, xla_cache, log)
   try:
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900
     while not [s for s in _steps(workdir) if s >= at_step]:
       assert proc.poll() is None, open(log).read()[-3000:]
-      assert time.monotonic() < deadline, "no checkpoint within 300 s"
+      assert time.monotonic() < deadline, "no checkpoint within 900 s"
       time.sleep(0.02)
     proc.send_signal(sig)
     rc, text = _finish(proc, log)
