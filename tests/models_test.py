@@ -4,6 +4,9 @@ Weights go both ways through `bsf_jax.convert`; the max-abs differences are
 printed (run with `-s` to see them) and must be <= 1e-4 in float32.
 """
 
+import functools
+
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,11 +30,26 @@ def _perturb_torch(module, seed):
   return module.eval()
 
 
-def _perturb_jax(params, seed):
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(
-      treedef, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+def _random_params(model, seed):
+  """Random params from the param shapes; cheaper than compiling `model.init`."""
+  rng = np.random.default_rng(seed)
+  flat = flax.traverse_util.flatten_dict(convert.abstract_params(model))
+  out = {}
+  for path, leaf in flat.items():
+    if path[-1] == "scale":
+      value = 1.0 + 0.05 * rng.standard_normal(leaf.shape)
+    elif path[-1] == "kernel":
+      value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+    else:
+      value = 0.05 * rng.standard_normal(leaf.shape)
+    out[path] = jnp.asarray(value, leaf.dtype)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, x):
+  """Jitted forward shared by the tests (cached per model and input shape)."""
+  return model.apply({"params": params}, x, mutable=["intermediates"])
 
 
 def _inputs(shape, channels, seed=0):
@@ -54,8 +72,7 @@ def _monai_swin_unetr(seed=0):
 
 
 def _run_swin_unetr(model, params, x):
-  fn = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))
-  logits, state = fn(params, x)
+  logits, state = _apply(model, params, x)
   return logits, state["intermediates"]["hidden_states"][0]
 
 
@@ -85,8 +102,7 @@ def test_swin_unetr_monai_to_jax_cubic():
 def test_swin_unetr_jax_to_monai_noncubic_remat():
   # remat=True here: its outputs matching MONAI also shows remat does not change them.
   model = models.SwinUNETR(2, 3, feature_size=F, remat=True)
-  params = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 32, 2)))["params"]
-  params = _perturb_jax(params, 1)
+  params = _random_params(model, 1)
   tm = monai_nets.SwinUNETR(in_channels=2, out_channels=3, feature_size=F).eval()
   tm.load_state_dict(convert.params_to_torch(params, "swin_unetr"), strict=True)
   _check_swin_unetr(tm, model, params, (32, 64, 96), "SwinUNETR JAX->MONAI remat")
@@ -102,7 +118,7 @@ def _check_ssl(tm, model, params, shape, label):
   x, xj = _inputs(shape, 2, seed=3)
   with torch.no_grad():
     ref = tm(torch.from_numpy(x))
-  out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, xj)
+  out, _ = _apply(model, params, xj)
   assert out[0].shape == (1, 4) and out[1].shape == (1, 512) and out[2].shape == (1,) + shape + (2,)
   diffs = [_max_diff(o, r) for o, r in zip(out, ref)]
   print(f"\n[{label} {shape}] rotation {diffs[0]:.2e}, contrastive {diffs[1]:.2e}, "
@@ -121,7 +137,7 @@ def test_ssl_head_torch_to_jax_cubic():
 def test_ssl_head_jax_to_torch_noncubic():
   from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top
   model = models.SSLHead(2, feature_size=F)
-  params = _perturb_jax(model.init(jax.random.key(4), jnp.zeros((1, 64, 64, 64, 2)))["params"], 4)
+  params = _random_params(model, 4)
   tm = TorchSSLHead(2, feature_size=F).eval()
   tm.load_state_dict(convert.params_to_torch(params, "ssl_head"), strict=True)
   _check_ssl(tm, model, params, (64, 96, 32), "SSLHead JAX->torch")
@@ -145,21 +161,24 @@ def _encoder_loss(model, params, x):
 
 def test_remat_same_gradients():
   x = jax.random.normal(jax.random.key(5), (1, 32, 32, 32, 1))
-  plain = models.SwinTransformer(1, F)
-  params = _perturb_jax(plain.init(jax.random.key(6), x)["params"], 6)
+  # Shallow stages 2-4 keep the two gradient compilations cheap; stage 1 has a shifted block.
+  plain = models.SwinTransformer(1, F, depths=(2, 1, 1, 1))
+  params = _random_params(plain, 6)
   grads = [jax.jit(jax.grad(lambda p, m=m: _encoder_loss(m, p, x)))(params)
-           for m in (plain, models.SwinTransformer(1, F, remat=True))]
-  diff = max(float(jnp.abs(a - b).max()) for a, b in zip(*map(jax.tree.leaves, grads)))
-  print(f"\n[remat] max-abs gradient diff {diff:.2e}")
-  assert diff <= 1e-5
+           for m in (plain, plain.replace(remat=True))]
+  leaves = list(zip(*map(jax.tree.leaves, grads)))
+  diff = max(float(jnp.abs(a - b).max()) for a, b in leaves)
+  scale = max(float(jnp.abs(a).max()) for a, _ in leaves)
+  print(f"\n[remat] max-abs gradient diff {diff:.2e} (largest gradient {scale:.2e})")
+  assert diff <= 1e-5 * max(scale, 1.0)
 
 
 def test_bf16_runs_and_stays_close():
   x = jax.random.normal(jax.random.key(7), (1, 32, 32, 32, 2))
   f32 = models.SwinUNETR(2, 3, feature_size=F)
-  params = _perturb_jax(f32.init(jax.random.key(8), x)["params"], 8)
-  ref = jax.jit(f32.apply)({"params": params}, x)
-  out = jax.jit(models.SwinUNETR(2, 3, feature_size=F, dtype=jnp.bfloat16).apply)({"params": params}, x)
+  params = _random_params(f32, 8)
+  ref, _ = _apply(f32, params, x)
+  out, _ = _apply(models.SwinUNETR(2, 3, feature_size=F, dtype=jnp.bfloat16), params, x)
   assert out.dtype == jnp.bfloat16
   rel = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
   print(f"\n[bf16] relative L2 error of logits vs fp32: {rel:.3e}")
@@ -169,11 +188,11 @@ def test_bf16_runs_and_stays_close():
 def test_dropout_and_stochastic_depth_use_the_dropout_rng():
   model = models.SwinTransformer(1, F, drop_rate=0.1, attn_drop_rate=0.1, dropout_path_rate=0.2)
   x = jax.random.normal(jax.random.key(9), (2, 32, 32, 32, 1))
-  params = model.init(jax.random.key(10), x)["params"]
+  params = _random_params(model, 10)
   run = jax.jit(lambda p, x, k: model.apply({"params": p}, x, deterministic=False,
                                             rngs={"dropout": k})[-1])
   a, b, c = run(params, x, jax.random.key(1)), run(params, x, jax.random.key(1)), run(params, x, jax.random.key(2))
-  det = model.apply({"params": params}, x)[-1]
+  det = _apply(model, params, x)[0][-1]
   np.testing.assert_array_equal(a, b)
   assert float(jnp.abs(a - c).max()) > 1e-3 and float(jnp.abs(a - det).max()) > 1e-3
 
@@ -183,7 +202,8 @@ def test_input_size_rule():
   with pytest.raises(ValueError, match=r"multiple of 2\*\*5 = 32"):
     models.check_input_size((48, 64, 64))
   with pytest.raises(ValueError, match="32"):
-    models.SwinUNETR(1, 2, feature_size=F).init(jax.random.key(0), jnp.zeros((1, 32, 40, 32, 1)))
+    jax.eval_shape(models.SwinUNETR(1, 2, feature_size=F).init, jax.random.key(0),
+                   jnp.zeros((1, 32, 40, 32, 1)))
 
 
 def test_decode_size():
