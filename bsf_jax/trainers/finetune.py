@@ -80,6 +80,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     for i, item in enumerate(pipeline.make_eval_iter(config.data, task="seg")):
       if 0 <= config.train.eval_batches <= i:
         break
+      if not bool(item.get("mask", True)):
+        continue  # A padding placeholder (keeps processes in step).
       probs = np.asarray(predict(params, jnp.asarray(item["image"])))
       per_volume.append(volume_metrics(probs, np.asarray(item["label"]),
                                        config.data.label_format,
