@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bsf_jax import convert, models
+from bsf_jax.models import swin
 
 torch = pytest.importorskip("torch")
 monai_nets = pytest.importorskip("monai.networks.nets")
@@ -30,10 +31,12 @@ def _perturb_torch(module, seed):
   return module.eval()
 
 
-def _random_params(model, seed):
+def _random_params(model, seed, x=None):
   """Random params from the param shapes; cheaper than compiling `model.init`."""
   rng = np.random.default_rng(seed)
-  flat = flax.traverse_util.flatten_dict(convert.abstract_params(model))
+  shapes = (convert.abstract_params(model) if x is None else
+            jax.eval_shape(model.init, jax.random.key(0), x)["params"])
+  flat = flax.traverse_util.flatten_dict(shapes)
   out = {}
   for path, leaf in flat.items():
     if path[-1] == "scale":
@@ -155,30 +158,27 @@ def test_param_counts_match_monai(name, expected):
   assert ours == theirs == expected
 
 
-def _encoder_loss(model, params, x):
-  return sum(jnp.sum(h ** 2) for h in model.apply({"params": params}, x))
-
-
 def test_remat_same_gradients():
-  x = jax.random.normal(jax.random.key(5), (1, 32, 32, 32, 1))
-  # Shallow stages 2-4 keep the two gradient compilations cheap; stage 1 has a shifted block.
-  plain = models.SwinTransformer(1, F, depths=(2, 1, 1, 1))
-  params = _random_params(plain, 6)
-  grads = [jax.jit(jax.grad(lambda p, m=m: _encoder_loss(m, p, x)))(params)
-           for m in (plain, plain.replace(remat=True))]
+  # One Swin stage (a plain and a shifted block + merging) keeps the two gradient compilations cheap.
+  x = jax.random.normal(jax.random.key(5), (1, 16, 16, 16, F))
+  stages = [swin.BasicLayer(F, 2, 3, (7, 7, 7), (0.0, 0.0), remat=r) for r in (False, True)]
+  params = _random_params(stages[0], 6, x)
+  loss = lambda m, p: jnp.sum(m.apply({"params": p}, x) ** 2)
+  grads = [jax.jit(jax.grad(functools.partial(loss, m)))(params) for m in stages]
   leaves = list(zip(*map(jax.tree.leaves, grads)))
   diff = max(float(jnp.abs(a - b).max()) for a, b in leaves)
   scale = max(float(jnp.abs(a).max()) for a, _ in leaves)
   print(f"\n[remat] max-abs gradient diff {diff:.2e} (largest gradient {scale:.2e})")
-  assert diff <= 1e-5 * max(scale, 1.0)
+  assert diff <= 1e-4 * max(scale, 1.0)
 
 
 def test_bf16_runs_and_stays_close():
   x = jax.random.normal(jax.random.key(7), (1, 32, 32, 32, 2))
-  f32 = models.SwinUNETR(2, 3, feature_size=F)
+  f32 = models.SwinUNETR(2, 3, feature_size=F, depths=(1, 1, 1, 1))
   params = _random_params(f32, 8)
   ref, _ = _apply(f32, params, x)
-  out, _ = _apply(models.SwinUNETR(2, 3, feature_size=F, dtype=jnp.bfloat16), params, x)
+  out, _ = _apply(models.SwinUNETR(2, 3, feature_size=F, depths=(1, 1, 1, 1), dtype=jnp.bfloat16),
+                  params, x)
   assert out.dtype == jnp.bfloat16
   rel = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
   print(f"\n[bf16] relative L2 error of logits vs fp32: {rel:.3e}")
@@ -186,15 +186,18 @@ def test_bf16_runs_and_stays_close():
 
 
 def test_dropout_and_stochastic_depth_use_the_dropout_rng():
-  model = models.SwinTransformer(1, F, drop_rate=0.1, attn_drop_rate=0.1, dropout_path_rate=0.2)
+  model = models.SwinTransformer(1, F, depths=(1, 1, 1, 1), drop_rate=0.1, attn_drop_rate=0.1,
+                                 dropout_path_rate=0.2)
   x = jax.random.normal(jax.random.key(9), (2, 32, 32, 32, 1))
   params = _random_params(model, 10)
-  run = jax.jit(lambda p, x, k: model.apply({"params": p}, x, deterministic=False,
-                                            rngs={"dropout": k})[-1])
-  a, b, c = run(params, x, jax.random.key(1)), run(params, x, jax.random.key(1)), run(params, x, jax.random.key(2))
-  det = _apply(model, params, x)[0][-1]
+  run = jax.jit(lambda p, k, det: model.apply({"params": p}, x, deterministic=det,
+                                               rngs={"dropout": k})[-1], static_argnums=2)
+  a, b, c = run(params, jax.random.key(1), False), run(params, jax.random.key(1), False), run(
+      params, jax.random.key(2), False)
   np.testing.assert_array_equal(a, b)
-  assert float(jnp.abs(a - c).max()) > 1e-3 and float(jnp.abs(a - det).max()) > 1e-3
+  assert float(jnp.abs(a - c).max()) > 1e-3
+  # deterministic=True ignores the rng.
+  np.testing.assert_array_equal(run(params, jax.random.key(1), True), run(params, jax.random.key(2), True))
 
 
 def test_input_size_rule():
