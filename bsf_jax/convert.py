@@ -368,7 +368,7 @@ def save_torch_file(sd: Mapping[str, Any], path: str, bsf: bool = False,
     save_file(arrays, path)
     return
   import torch  # pylint: disable=g-import-not-at-top
-  tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+  tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
   if bsf:
     tensors = {"state_dict": {"module." + k: v for k, v in tensors.items()},
                "global_step": int(global_step), "epoch": int(epoch)}
