@@ -183,7 +183,7 @@ class _TorchSide:
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(
         np.moveaxis(np.asarray(a), -1, 1)))  # NDHWC -> NCDHW
     self.x = torch.cat([to_t(v1), to_t(v2)])
-    self.labels = torch.from_numpy(np.asarray(labels)).long()
+    self.labels = torch.from_numpy(np.array(labels)).long()
     self.targets = to_t(targets)
     self.b = args.batch
 
