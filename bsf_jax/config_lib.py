@@ -205,7 +205,9 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
   config.model.depths = (1, 1, 1, 1)
   config.model.num_heads = (1, 1, 1, 1)
   config.model.feature_size = 12
-  config.data.roi = (32, 32, 32)
+  # The SSL head reads bottleneck tokens 0 and 1, so SSL crops need >= 2
+  # tokens (a dim of 64); H == W for the rotations.
+  config.data.roi = (64, 64, 32) if config.trainer == "pretrain" else (32, 32, 32)
   config.data.batch_size = 2
   config.data.num_samples = min(config.data.num_samples, 2)
   config.data.workers = 0
@@ -252,6 +254,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if samples <= 0 or batch <= 0 or batch % samples:
     problems.append(f"config.data.batch_size={batch} must be a positive "
                     f"multiple of config.data.num_samples={samples}")
+  if (config.model.name == "ssl_head" and len(roi) == 3 and
+      all(int(r) > 0 for r in roi) and
+      (roi[0] // multiple) * (roi[1] // multiple) * (roi[2] // multiple) < 2):
+    problems.append(
+        f"config.data.roi={roi}: the SSL head reads bottleneck tokens 0 and 1, "
+        f"so the roi needs >= 2 bottleneck tokens (one dim >= {2 * multiple})")
   if config.train.nonfinite not in ("skip", "halt"):
     problems.append(f"config.train.nonfinite={config.train.nonfinite!r}: "
                     "expected 'skip' or 'halt'")

@@ -48,7 +48,8 @@ def get_config(arg=None):
                        (config.stage3, arg.finetune_steps)):
     stage.model.update(small_model)
     stage.data.workers = 0
-    stage.data.roi = (32, 32, 32)
+    # SSL crops need >= 2 bottleneck tokens (one dim of 64); H == W.
+    stage.data.roi = (64, 64, 32) if stage.trainer == "pretrain" else (32, 32, 32)
     stage.train.num_steps = steps
     stage.train.log_every = 10
     stage.train.eval_every = steps

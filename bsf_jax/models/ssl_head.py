@@ -70,6 +70,12 @@ class SSLHead(nn.Module):
     bottleneck = hs[4]
     b, dim = bottleneck.shape[0], bottleneck.shape[-1]
     tokens = bottleneck.reshape(b, -1, dim)
+    if tokens.shape[1] < 2:
+      # Indexing token 1 of a single token would silently clamp to token 0.
+      raise ValueError(
+          f"SSLHead needs at least 2 bottleneck tokens (contrastive head reads "
+          f"token 1), but input {x.shape[1:4]} gives {bottleneck.shape[1:4]}: "
+          "make at least one spatial dim >= 64")
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     rotation = dense(self.rotation_classes, "rotation_head")(tokens[:, 0])
     contrastive = dense(self.contrastive_dim, "contrastive_head")(tokens[:, 1])
