@@ -222,11 +222,17 @@ def main(argv: list[str]) -> int:
     ref_loss0, t_ref_first = _timed(ref.step)
     print(f"loss at step 0: jax {float(m0['loss']):.5f}  torch "
           f"{ref_loss0:.5f} (same weights and views)")
+  print(f"# compile {t_compile:.2f} s, first step {t_first:.2f} s"
+        + (f", reference first step {t_ref_first:.2f} s" if ref else ""),
+        flush=True)
   times, ref_times = [], []
-  for _ in range(args.steps):
+  for i in range(args.steps):
     times.append(_timed(side.step)[1])
     if ref is not None:
       ref_times.append(_timed(ref.step)[1])
+    # Progress as it happens: a run cut short still leaves numbers.
+    print(f"# step {i}: jax {times[-1]:.3f} s"
+          + (f", torch {ref_times[-1]:.3f} s" if ref else ""), flush=True)
   med = statistics.median(times)
   peak = _matmul_peak(args.dtype)
   achieved = side.flops / med
