@@ -105,27 +105,6 @@ def make_loss_fn(model: nn.Module, cfg_ssl: ml_collections.ConfigDict,
   return loss_fn
 
 
-def _masked_contrastive(z1, z2, mask, temperature):
-  """Sum over valid anchors of NT-Xent, padded samples excluded everywhere.
-
-  Same loss as `losses.contrastive_loss` (see it for the formula) but padded
-  samples are neither anchors nor negatives, so a padded last eval batch gives
-  the loss of its real samples only.
-  """
-  b = z1.shape[0]
-  norm = lambda z: z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True),
-                                   1e-12)
-  z = jnp.concatenate([norm(z1.astype(jnp.float32)),
-                       norm(z2.astype(jnp.float32))])
-  sim = jnp.matmul(z, z.T, precision=jax.lax.Precision.HIGHEST) / temperature
-  valid = jnp.concatenate([mask, mask])
-  n = 2 * b
-  allowed = valid[None, :] & ~jnp.eye(n, dtype=bool)
-  log_denom = jax.nn.logsumexp(jnp.where(allowed, sim, -jnp.inf), axis=1)
-  pos = sim[jnp.arange(n), (jnp.arange(n) + b) % n]
-  return jnp.sum(jnp.where(valid, log_denom - pos, 0.0)) / 2
-
-
 def make_eval_step(model: nn.Module, cfg_ssl: ml_collections.ConfigDict,
                    mesh: Mesh, dtype: Any = jnp.float32,
                    params_sharding: Any = None) -> Callable[..., Any]:
@@ -167,7 +146,10 @@ def make_eval_step(model: nn.Module, cfg_ssl: ml_collections.ConfigDict,
     count = jnp.sum(m)
     sums = {"rot": jnp.sum(per_sample[:, 0] * m),
             "rec": jnp.sum(per_sample[:, 1] * m)}
-    sums["con"] = _masked_contrastive(z1, z2, mask, cfg_ssl.temperature)
+    # The masked mean runs over 2 * count valid anchors; the eval sums are
+    # per sample pair, hence * count (padded samples are not negatives).
+    sums["con"] = losses.contrastive_loss(
+        z1, z2, cfg_ssl.temperature, mask=mask) * jnp.sum(mask)
     sums["total"] = (cfg_ssl.w_rot * sums["rot"] + cfg_ssl.w_con * sums["con"]
                      + cfg_ssl.w_rec * sums["rec"])
     sums["count"] = count

@@ -90,17 +90,29 @@ def relative_position_bias(table: jax.Array, window_size) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def compute_mask(dims, window, shift) -> np.ndarray:
-  """MONAI `compute_mask`: (nW, n, n) additive mask, -100 across shifted regions."""
-  img = np.zeros((1, *dims, 1), np.float32)
+def window_region_ids(dims, window, shift) -> np.ndarray:
+  """(nW, n) id of the shifted region each token of each window came from."""
+  img = np.zeros((1, *dims, 1), np.int32)
   cnt = 0
   slices = [(slice(-w), slice(-w, -s), slice(-s, None)) for w, s in zip(window, shift)]
   for d, h, w in itertools.product(*slices):
     img[:, d, h, w, :] = cnt
     cnt += 1
-  mw = window_partition(img, window)[..., 0]
-  diff = mw[:, None, :] - mw[:, :, None]
-  return np.where(diff != 0, MASK_VALUE, 0.0).astype(np.float32)
+  return window_partition(img, window)[..., 0]
+
+
+def compute_mask(dims, window, shift) -> jax.Array:
+  """MONAI `compute_mask`: (nW, n, n) additive mask, -100 across shifted regions.
+
+  Built in the graph from the (nW, n) region ids rather than embedded as a
+  constant: at 96^3 the dense mask is a 160 MB f32[343, 343, 343] that XLA
+  constant-folds, which dominated compile time and memory traffic. The
+  optimization barrier keeps XLA from folding it back into a constant.
+  """
+  ids = jax.lax.optimization_barrier(
+      jnp.asarray(window_region_ids(dims, window, shift)))
+  return jnp.where(ids[:, None, :] != ids[:, :, None],
+                   jnp.float32(MASK_VALUE), jnp.float32(0.0))
 
 
 class WindowAttention(nn.Module):
@@ -135,7 +147,7 @@ class WindowAttention(nn.Module):
     attn = attn.astype(jnp.float32) + bias.astype(jnp.float32)
     if mask is not None:
       nw = mask.shape[0]
-      attn = attn.reshape(bw // nw, nw, heads, n, n) + jnp.asarray(mask)[None, :, None]
+      attn = attn.reshape(bw // nw, nw, heads, n, n) + mask[None, :, None].astype(attn.dtype)
       attn = attn.reshape(bw, heads, n, n)
     attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype)
     attn = nn.Dropout(self.attn_drop)(attn, deterministic=deterministic)

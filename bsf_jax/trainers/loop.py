@@ -150,10 +150,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job,
   # --- Data.
   data_sharding = sharding.data_sharding(mesh)
   global_batch = config.data.batch_size
-  if global_batch % mesh.shape["data"]:
+  if global_batch % mesh.size:
+    # The batch is split over every mesh axis (data x fsdp).
     raise ValueError(
         f"config.data.batch_size={global_batch} is not divisible by the "
-        f"{mesh.shape['data']} devices of the mesh's 'data' axis")
+        f"{mesh.size} devices of the mesh {dict(mesh.shape)}")
   train_iter = pipeline.make_train_iter(
       config.data, task=job.task, seed=config.seed)
 
@@ -332,7 +333,7 @@ def _dry_run(config, mesh, state, train_step, train_iter, data_sharding, rng):
   compiled = train_step.lower(state, global_batch, rng).compile()
   memory = compiled.memory_analysis()
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  per_device = config.data.batch_size // mesh.shape["data"]
+  per_device = config.data.batch_size // mesh.size
   lines = [
       f"mesh: {dict(mesh.shape)} over {jax.device_count()} devices "
       f"({jax.process_count()} processes, {jax.devices()[0].device_kind})",
