@@ -6,8 +6,8 @@ pretraining) on NumPy arrays in the reference's channels-first layout:
 a sample is (C, H, W, D) and a batch (B, C, H, W, D). The only change is the
 random source: an explicit `np.random.Generator` replaces numpy's global RNG
 and torch's `normal_()`. `rng.integers(lo, hi)` and `rng.uniform(0, m)` draw
-from the same ranges as `np.random.randint(lo, hi)` and
-`np.random.uniform(0, m)`.
+from the same ranges as the legacy global-state `randint(lo, hi)` and
+`uniform(0, m)` calls of the reference.
 
 tests/augment_test.py compares the statistics of `bsf_jax.augment` against
 this port by Monte Carlo.
