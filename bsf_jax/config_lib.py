@@ -17,6 +17,7 @@ A config file looks like (big_vision style):
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -268,6 +269,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
       problems.append(f"config.train.{key}={config.train[key]} must be > 0")
   if problems:
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def load_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Executes a config file (Python code: trusted files only) -> get_config(arg).
+
+  What `--config=path:arg` does, for configs that compose others (demo.py)
+  and for tests.
+  """
+  import importlib.util
+  name = "bsf_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

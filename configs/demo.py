@@ -10,7 +10,6 @@ prediction. Each stage is the real stage config shrunk by its `runlocal`
 argument; rerunning resumes where it stopped.
 """
 
-import importlib.util
 import os
 
 import ml_collections
@@ -19,12 +18,9 @@ from bsf_jax import config_lib, distributed
 
 
 def _stage(name: str, arg: str) -> ml_collections.ConfigDict:
-  """Loads a sibling config file (configs/NAME.py) and calls get_config."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-  spec = importlib.util.spec_from_file_location(f"bsf_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """Loads a sibling config file (configs/NAME.py) with argument `arg`."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  return config_lib.load_file(os.path.join(here, name + ".py"), arg)
 
 
 def get_config(arg=None):

@@ -14,7 +14,6 @@ share one 2-step stage-1 workdir.
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import re
 import numpy as np
 import pytest
 
+from bsf_jax import config_lib
 from bsf_jax.data import DataError
 from bsf_jax.data import io
 from bsf_jax.data import pipeline
@@ -246,11 +246,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_config(name, arg="runlocal"):
-  path = os.path.join(ROOT, "configs", name + ".py")
-  spec = importlib.util.spec_from_file_location(f"bad_input_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_file(os.path.join(ROOT, "configs", name + ".py"), arg)
 
 
 @pytest.mark.parametrize("key, value, needle", [

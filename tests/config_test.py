@@ -1,6 +1,5 @@
 """Configs: every stage config loads, typed arguments, runlocal, overrides."""
 
-import importlib.util
 import os
 
 import pytest
@@ -13,11 +12,7 @@ CONFIGS = ("stage1", "stage2_brats", "stage2_atlas", "stage3_brats",
 
 
 def load(name, arg=None):
-  path = os.path.join(ROOT, "configs", name + ".py")
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_file(os.path.join(ROOT, "configs", name + ".py"), arg)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -6,7 +6,6 @@ name); stage 3 and export -> strict MONAI load with equal logits.
 """
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,18 +15,14 @@ import jax
 import numpy as np
 import pytest
 
-from bsf_jax import checkpointing
+from bsf_jax import checkpointing, config_lib
 from bsf_jax.trainers import finetune, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, arg=""):
-  path = os.path.join(ROOT, "configs", name + ".py")
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_file(os.path.join(ROOT, "configs", name + ".py"), arg)
 
 
 @pytest.fixture(scope="module")
