@@ -160,20 +160,26 @@ def test_config_json_is_data_only():
   """The resolved config.json is JSON data, never code.
 
   Configs are code; the only code that loads one is absl's --config flag (a
-  file the user names) and configs/demo.py loading its sibling stage files.
-  So no package module loads Python from a path, and the modules that read a
-  workdir's config.json (evaluate.py, report.py: which model/protocol a run
-  used) parse it with json.load, which cannot run code.
+  file the user names) and config_lib.load_file, which configs/demo.py uses for
+  its sibling stage files. So no other package module loads Python from a path,
+  no package module calls load_file (it is for config files and tests only),
+  and the modules that read a workdir's config.json (evaluate.py, report.py:
+  which model/protocol a run used) parse it with json.load, which cannot run
+  code.
   """
   offenders = []
+  config_loader = os.path.join(ROOT, "bsf_jax", "config_lib.py")
   for dirpath, _, names in os.walk(os.path.join(ROOT, "bsf_jax")):
     for name in (n for n in names if n.endswith(".py")):
       path = os.path.join(dirpath, name)
       with open(path) as f:
         source = f.read()
-      if re.search(r"spec_from_file_location|runpy|config_flags\.DEFINE_config_"
-                   r"(dict|json)", source):
+      if path != config_loader and re.search(
+          r"spec_from_file_location|runpy|config_flags\.DEFINE_config_"
+          r"(dict|json)", source):
         offenders.append(f"{path}: loads Python code from a path")
+      if re.search(r"config_lib\.load_file\(|\bload_file\(.*config", source):
+        offenders.append(f"{path}: executes a config file")
       for m in re.finditer(r"with open\(([^)]*)\) as (\w+):\n(.*)", source):
         if "config" in m.group(1) and '"w"' not in m.group(1):
           if not re.search(rf"json\.load\({m.group(2)}\)", m.group(3)) and (
