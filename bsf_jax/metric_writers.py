@@ -18,6 +18,7 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
+import psutil
 
 
 class MetricWriter:
@@ -89,7 +90,11 @@ class MetricWriter:
 
 
 class Progress:
-  """steps/s, ETA and (when FLOPs per step and a peak are known) MFU."""
+  """steps/s, ETA, host RSS and (when FLOPs per step and a peak are known) MFU.
+
+  The host RSS is logged so a leak (a growing cache, a held batch) shows in
+  TensorBoard long before the job is OOM-killed.
+  """
 
   def __init__(self, num_steps: int, start_step: int,
                flops_per_step: float | None = None,
@@ -105,14 +110,15 @@ class Progress:
     now = time.perf_counter()
     self._last = (step, now)
     rate = (step - last_step) / max(now - last_time, 1e-9)
-    out = {"steps_per_sec": rate}
+    out = {"steps_per_sec": rate,
+           "host_rss_mib": psutil.Process().memory_info().rss / 2**20}
     eta = (self.num_steps - step) / max(rate, 1e-9)
     if self.flops_per_step:
       out["tflops_per_sec"] = rate * self.flops_per_step / 1e12
       if self.peak_flops:
         out["mfu"] = rate * self.flops_per_step / self.peak_flops
-    logging.info("step %d/%d: %.3f steps/s, ETA %s%s", step, self.num_steps,
-                 rate, _hms(eta),
+    logging.info("step %d/%d: %.3f steps/s, ETA %s, host RSS %.0f MiB%s",
+                 step, self.num_steps, rate, _hms(eta), out["host_rss_mib"],
                  f", MFU {out['mfu']:.1%}" if "mfu" in out else "")
     return out
 

@@ -214,3 +214,39 @@ def test_decode_size():
   assert models.decode_size([2, 2, 18, 2]) == models.SIZES["big"]
   with pytest.raises(ValueError, match="huge"):
     models.decode_size("huge")
+
+
+def test_ssl_head_gradients_match_torch():
+  """Gradients, not just outputs: covers the hand-written VJPs (window attention,
+  bias and scale sums as matmuls) against PyTorch's autograd of the reference."""
+  from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top
+  model = models.SSLHead(2, feature_size=F)
+  params = _random_params(model, 7)
+  tm = TorchSSLHead(2, feature_size=F)
+  tm.load_state_dict(convert.params_to_torch(params, "ssl_head"), strict=True)
+  x = np.random.default_rng(8).standard_normal((2, 64, 64, 32, 2)).astype(np.float32)
+
+  def loss(p):
+    rot, con, rec = model.apply({"params": p}, jnp.asarray(x))
+    return jnp.sum(rot ** 2) + jnp.mean(con ** 2) + jnp.mean(rec ** 2)
+
+  grads = jax.jit(jax.grad(loss))(params)
+  rot, con, rec = tm(torch.from_numpy(np.moveaxis(x, -1, 1).copy()))
+  ((rot ** 2).sum() + (con ** 2).mean() + (rec ** 2).mean()).backward()
+  torch_grads = tm.state_dict()  # buffers (relative_position_index) as they are
+  torch_grads.update({k: p.grad for k, p in tm.named_parameters()})
+  expected = convert.params_from_torch(torch_grads, "ssl_head", model)
+  flat = flax.traverse_util.flatten_dict(grads)
+  flat_expected = flax.traverse_util.flatten_dict(expected)
+  assert flat.keys() == flat_expected.keys()
+  # A decoder conv bias feeds an InstanceNorm, which removes it: its exact
+  # gradient is 0 and both sides hold rounding noise. So each difference is
+  # relative to its own gradient's size, but at least 1e-3 of the largest.
+  floor = 1e-3 * max(float(np.abs(v).max()) for v in flat_expected.values())
+  rel = {k: float(np.abs(np.asarray(flat[k]) - flat_expected[k]).max()) /
+         max(float(np.abs(flat_expected[k]).max()), floor) for k in flat}
+  worst = max(rel.values())
+  for k in sorted(rel, key=rel.get)[-5:]:
+    print("/".join(k), f"{rel[k]:.2e}")
+  print(f"\n[SSLHead gradients JAX vs torch] worst relative max-abs diff {worst:.2e}")
+  assert worst <= 2e-4

@@ -39,6 +39,21 @@ def torch_conv_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def sum_leading(g: jax.Array, trailing_shape: tuple[int, ...]) -> jax.Array:
+  """Sums `g` over its leading axes down to `trailing_shape`, as a matmul.
+
+  XLA:CPU lowers a reduction over non-minor axes to a tree of reduce-windows
+  that re-runs the producer fusion; a dot with a ones vector runs on the
+  matmul library and reads a materialised operand. Used for the relative
+  position bias gradient (a sum over all windows of the batch).
+  """
+  size = int(np.prod(trailing_shape))
+  rows = g.reshape(-1, size)
+  ones = jnp.ones((rows.shape[0],), rows.dtype)
+  return jnp.dot(ones, rows, preferred_element_type=jnp.float32).astype(
+      g.dtype).reshape(trailing_shape)
+
+
 def layer_norm(x: jax.Array, eps: float = TORCH_NORM_EPS) -> jax.Array:
   """Parameter-free LayerNorm over the last axis (torch `F.layer_norm(x, [C])`)."""
   x32 = x.astype(jnp.float32)
@@ -65,26 +80,20 @@ def leaky_relu(x: jax.Array) -> jax.Array:
 
 
 def upsample_trilinear_x2(x: jax.Array) -> jax.Array:
-  """x2 trilinear upsampling of NDHWC, exactly torch's `align_corners=False`.
+  """x2 trilinear upsampling of NDHWC, torch's `align_corners=False`.
 
   With half-pixel centres a x2 upsample reads, per axis, output 2k as
-  0.75*x[k] + 0.25*x[k-1] and 2k+1 as 0.75*x[k] + 0.25*x[k+1], clamping the
-  neighbour at the borders (torch clamps negative source coordinates to 0).
-  Written as shifted adds, which XLA fuses; no gather.
+  0.75*x[k] + 0.25*x[k-1] and 2k+1 as 0.75*x[k] + 0.25*x[k+1], the neighbour
+  clamped at the borders (torch clamps negative source coordinates to 0).
+  `jax.image.resize` computes the same weights: at a border it drops the
+  out-of-range tap and renormalises, which also gives x[0] (max difference to
+  a direct stencil 5e-7). It is used because it is the fastest form on XLA:CPU:
+  written as shifted adds, the upsample's transpose feeding the previous
+  InstanceNorm's gradient ran 8x slower (2.8 s vs 0.35 s fwd+bwd at
+  [2, 32^3, 48], /tmp profiling, BENCHMARKS.md).
   """
-  for axis in (1, 2, 3):
-    n = x.shape[axis]
-    first = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
-    last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
-    prev = jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis)
-    nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), last], axis)
-    even = 0.75 * x + 0.25 * prev
-    odd = 0.75 * x + 0.25 * nxt
-    y = jnp.stack([even, odd], axis=axis + 1)
-    shape = list(x.shape)
-    shape[axis] = 2 * n
-    x = y.reshape(shape)
-  return x
+  b, d, h, w, c = x.shape
+  return jax.image.resize(x, (b, 2 * d, 2 * h, 2 * w, c), "trilinear")
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
@@ -108,10 +117,34 @@ def conv3d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     return jnp.einsum("bxiyjzkc,ijkco->bxyzo", x, kernel)
   pad = k // 2
   if stride == 1 and k > 1 and jax.default_backend() == "cpu":
+    if x.size * k ** 3 <= _IM2COL_MAX_ELEMENTS:
+      return _conv3d_as_matmul(x, kernel)
     return _conv3d_as_conv2d(x, kernel)
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride,) * 3, padding=[(pad, pad)] * 3,
       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+# Largest im2col patch tensor (elements) for which a CPU conv runs as a matmul.
+_IM2COL_MAX_ELEMENTS = 2 ** 24
+
+
+def _conv3d_as_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 'same' conv3d as im2col + one matmul, for small feature maps.
+
+  On XLA:CPU the conv's weight gradient at a small spatial size and many
+  channels (the SSL decoder's 768 -> 384 conv at 2^3) ran as a slow
+  convolution (~0.5 s); the patch matrix here is at most 64 MB and its
+  forward and both gradients are plain matmuls.
+  """
+  k, _, _, c_in, c_out = kernel.shape
+  pad = k // 2
+  b, d, h, w, _ = x.shape
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (pad, pad), (0, 0)))
+  patches = jnp.concatenate(
+      [xp[:, i:i + d, j:j + h, l:l + w, :]
+       for i in range(k) for j in range(k) for l in range(k)], axis=-1)
+  return jnp.dot(patches, kernel.reshape(k ** 3 * c_in, c_out))
 
 
 def _conv3d_as_conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:

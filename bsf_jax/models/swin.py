@@ -115,6 +115,58 @@ def compute_mask(dims, window, shift) -> jax.Array:
                    jnp.float32(MASK_VALUE), jnp.float32(0.0))
 
 
+def _attention_probs(q, k, bias, mask):
+  """softmax(q k^T + bias + mask) in fp32, cast to q's dtype: (bw, heads, n, n)."""
+  bw, n, heads, _ = q.shape
+  logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32) + bias
+  if mask is not None:
+    nw = mask.shape[0]
+    logits = logits.reshape(bw // nw, nw, heads, n, n) + mask[None, :, None]
+    logits = logits.reshape(bw, heads, n, n)
+  return jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+
+
+@jax.custom_vjp
+def attention(q, k, v, bias, mask):
+  """Window attention core: softmax(q k^T + bias + mask) v, (bw, n, heads, hd).
+
+  q is already scaled. bias: (heads, n, n) fp32; mask: (nW, n, n) or None.
+  Same forward as autodiff of `_attention_probs`; the backward uses the
+  flash-attention identity rowsum(dP * P) = rowsum(dO * O), a reduction over
+  head_dim (16-32) instead of over n = 343 keys, and sums the bias gradient
+  over windows as a matmul. Both were the slowest ops of the Swin backward on
+  XLA:CPU (BENCHMARKS.md).
+  """
+  return jnp.einsum("bhnm,bmhd->bnhd", _attention_probs(q, k, bias, mask), v)
+
+
+def _attention_fwd(q, k, v, bias, mask):
+  probs = _attention_probs(q, k, bias, mask)
+  out = jnp.einsum("bhnm,bmhd->bnhd", probs, v)
+  return out, (q, k, v, probs, out, mask)
+
+
+def _attention_bwd(res, d_out):
+  q, k, v, probs, out, mask = res
+  heads, n = probs.shape[1], probs.shape[2]
+  d_v = jnp.einsum("bhnm,bnhd->bmhd", probs, d_out)
+  d_probs = jnp.einsum("bnhd,bmhd->bhnm", d_out, v).astype(jnp.float32)
+  # An elementwise product and a minor-axis sum (as an einsum, XLA:CPU makes
+  # it a batched dot with a 16-long contraction: 5x slower).
+  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  row = row.transpose(0, 2, 1)  # (bw, heads, n)
+  d_logits = probs.astype(jnp.float32) * (d_probs - row[..., None])
+  d_bias = layers.sum_leading(d_logits, (heads, n, n))
+  d_logits = d_logits.astype(q.dtype)
+  d_q = jnp.einsum("bhnm,bmhd->bnhd", d_logits, k)
+  d_k = jnp.einsum("bhnm,bnhd->bmhd", d_logits, q)
+  d_mask = None if mask is None else jnp.zeros_like(mask)
+  return d_q, d_k, d_v, d_bias, d_mask
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 class WindowAttention(nn.Module):
   """Window multi-head self-attention with a learned relative position bias."""
   dim: int
@@ -140,18 +192,17 @@ class WindowAttention(nn.Module):
     qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv")(x).reshape(bw, n, 3, heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = q * (hd ** -0.5)
-    attn = jnp.einsum("bnhd,bmhd->bhnm", q, k)
     # MONAI slices the full window's index with [:n, :n] even when the window
     # shrank (small feature maps); slicing the full bias reproduces that.
-    bias = relative_position_bias(table, self.window_size)[:, :n, :n]
-    attn = attn.astype(jnp.float32) + bias.astype(jnp.float32)
-    if mask is not None:
-      nw = mask.shape[0]
-      attn = attn.reshape(bw // nw, nw, heads, n, n) + mask[None, :, None].astype(attn.dtype)
-      attn = attn.reshape(bw, heads, n, n)
-    attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype)
-    attn = nn.Dropout(self.attn_drop)(attn, deterministic=deterministic)
-    y = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(bw, n, c)
+    bias = relative_position_bias(table, self.window_size)[:, :n, :n].astype(jnp.float32)
+    if self.attn_drop == 0.0 or deterministic:
+      y = attention(q, k, v, bias, mask)
+    else:
+      # Dropout on the probabilities: the plain autodiff path.
+      probs = _attention_probs(q, k, bias, mask)
+      probs = nn.Dropout(self.attn_drop)(probs, deterministic=deterministic)
+      y = jnp.einsum("bhnm,bmhd->bnhd", probs, v)
+    y = y.reshape(bw, n, c)
     y = dense(c, name="proj")(y)
     return nn.Dropout(self.proj_drop)(y, deterministic=deterministic)
 
