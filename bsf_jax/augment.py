@@ -371,9 +371,35 @@ def rot_rand(key: Array, x: Array,
   return out, labels
 
 
+def draw_partners(key: Array, bsz: int, group: int,
+                  valid: Array | None = None) -> Array:
+  """Swap partner of each sample: [B // group, group] indices within a group.
+
+  Without `valid`, partner ~ U{0 .. group - 1} (the reference rule). With a
+  [B] bool `valid` (False for padding), partners are drawn among the valid
+  members of the group only: rank r ~ U{0 .. n_valid - 1}, partner = the r-th
+  valid member. So padded samples are never swap sources, and a valid
+  sample's partner depends only on the valid samples before it: neither the
+  content nor the number of padded samples changes it (with valid samples
+  first, as the eval pipeline pads, and the partitionable threefry PRNG,
+  whose draws for index i do not depend on the batch size). With every
+  sample valid this is exactly the unmasked draw.
+  """
+  shape = (bsz // group, group)
+  if valid is None:
+    return jax.random.randint(key, shape, 0, group)
+  v = jnp.asarray(valid).astype(bool).reshape(shape)
+  n_valid = jnp.sum(v, axis=1, keepdims=True)
+  rank = jax.random.randint(key, shape, 0, jnp.maximum(n_valid, 1))
+  order = jnp.cumsum(v, axis=1) - 1  # rank of each valid member
+  hit = v[:, None, :] & (order[:, None, :] == rank[:, :, None])  # [G, g, g]
+  return jnp.argmax(hit, axis=-1).astype(rank.dtype)
+
+
 def aug_rand(key: Array, x: Array, *, group_size: int | None = None,
              max_drop: float = 0.3, max_block_sz: float = 0.25,
-             tolr: float = 0.05, max_boxes: int | None = None) -> Array:
+             tolr: float = 0.05, max_boxes: int | None = None,
+             valid: Array | None = None) -> Array:
   """Reference `aug_rand`: a noise drop, then maybe a swap drop, per sample.
 
   Sample i draws a partner j uniformly from its group (possibly itself); if
@@ -392,6 +418,8 @@ def aug_rand(key: Array, x: Array, *, group_size: int | None = None,
       per-device batch to keep the swap device-local and match the reference,
       which draws partners among one GPU's samples.
     max_drop, max_block_sz, tolr, max_boxes: see `patch_rand_drop`.
+    valid: optional [B] bool, False for padding samples (eval batches): they
+      are never swap partners, see `draw_partners`. None: all valid.
 
   Returns:
     Array of x's shape and dtype.
@@ -409,7 +437,7 @@ def aug_rand(key: Array, x: Array, *, group_size: int | None = None,
   # Both drops' boxes in one vmapped computation (one copy in the program).
   idx, volume = jax.vmap(jax.vmap(lambda k: _box_index(k, spatial, cfg)))(keys)
   noised = _apply(keys[0], x, None, idx[0], volume[0])
-  partner = jax.random.randint(k_partner, (bsz // group, group), 0, group)
+  partner = draw_partners(k_partner, bsz, group, valid)
   grouped = noised.reshape((bsz // group, group) + x.shape[1:])
   source = jax.vmap(lambda g, j: g[j])(grouped, partner).reshape(x.shape)
   do_swap = (partner != jnp.arange(group)[None, :]).reshape((bsz, 1, 1, 1))
@@ -420,7 +448,7 @@ def aug_rand(key: Array, x: Array, *, group_size: int | None = None,
 def make_views(key: Array, x: Array, *, group_size: int | None = None,
                rot_axes: tuple[int, int] = (1, 2), max_drop: float = 0.3,
                max_block_sz: float = 0.25, tolr: float = 0.05,
-               max_boxes: int | None = None
+               max_boxes: int | None = None, valid: Array | None = None
                ) -> tuple[Array, Array, Array, Array]:
   """The SPEC two-view recipe: view_i = aug_rand(rot_rand(x)).
 
@@ -439,6 +467,8 @@ def make_views(key: Array, x: Array, *, group_size: int | None = None,
     group_size: swap-partner groups, see `aug_rand`.
     rot_axes: rotation plane, see `rot_rand`.
     max_drop, max_block_sz, tolr, max_boxes: see `patch_rand_drop`.
+    valid: optional [B] bool marking real samples; padding (False) is never
+      copied into a real sample's view, see `aug_rand`.
 
   Returns:
     (view1 [B, ...], view2 [B, ...], rot_labels [2B] int32,
@@ -447,7 +477,8 @@ def make_views(key: Array, x: Array, *, group_size: int | None = None,
   """
   _check_batch("make_views", x)
   kw = dict(group_size=group_size, max_drop=max_drop,
-            max_block_sz=max_block_sz, tolr=tolr, max_boxes=max_boxes)
+            max_block_sz=max_block_sz, tolr=tolr, max_boxes=max_boxes,
+            valid=valid)
 
   def one_view(k):
     k_rot, k_aug = jax.random.split(k)

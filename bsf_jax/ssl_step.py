@@ -48,10 +48,11 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _views(cfg: ml_collections.ConfigDict, key: jax.Array, x: jax.Array):
+def _views(cfg: ml_collections.ConfigDict, key: jax.Array, x: jax.Array,
+           valid: jax.Array | None = None):
   return augment.make_views(
       key, x, group_size=cfg.swap_group_size or None, max_drop=cfg.max_drop,
-      max_block_sz=cfg.max_block_sz, tolr=cfg.tolr)
+      max_block_sz=cfg.max_block_sz, tolr=cfg.tolr, valid=valid)
 
 
 def _forward(model: nn.Module, params, view1, view2, dtype, **apply_kw):
@@ -126,7 +127,9 @@ def make_eval_step(model: nn.Module, cfg_ssl: ml_collections.ConfigDict,
     real samples (`batch["mask"]`, default all real): `rot`, `con`, `rec`,
     `total` (weighted), and `count`. Divide by `count` after summing batches.
     `con` is the NT-Xent over the real samples of each batch, weighted by
-    their number; `rot` and `rec` are exact per-sample sums.
+    their number; `rot` and `rec` are exact per-sample sums. Padded samples
+    are never swap-drop sources (`augment.draw_partners`), so neither their
+    content nor their number changes the sums.
   """
   model = model.clone(dtype=dtype)
 
@@ -135,7 +138,9 @@ def make_eval_step(model: nn.Module, cfg_ssl: ml_collections.ConfigDict,
     b = x.shape[0]
     mask = batch.get("mask")
     mask = jnp.ones((b,), bool) if mask is None else mask.astype(bool)
-    view1, view2, rot_labels, targets = _views(cfg_ssl, key, x)
+    # Padded samples are never swap partners of real ones: the real samples'
+    # views, hence the sums, do not depend on the padding.
+    view1, view2, rot_labels, targets = _views(cfg_ssl, key, x, mask)
     rot, z1, z2, rec = _forward(model, params, view1, view2, dtype,
                                 deterministic=True)
     per_view = jax.vmap(lambda lg, lb, r, t: jnp.stack([

@@ -262,6 +262,42 @@ def test_aug_rand_swaps_within_groups():
     augment.aug_rand(jax.random.key(0), x, group_size=3)
 
 
+def test_partners_skip_padding_and_ignore_its_amount():
+  key = jax.random.key(3)
+  # All valid: the masked draw is the reference draw, bit for bit.
+  np.testing.assert_array_equal(
+      augment.draw_partners(key, 8, 4, jnp.ones(8, bool)),
+      augment.draw_partners(key, 8, 4))
+  valid = np.array([True, True, True, False, False, False, False, False])
+  seen = set()
+  for seed in range(20):
+    k = jax.random.key(seed)
+    p = np.asarray(augment.draw_partners(k, 8, 8, valid))[0]
+    assert valid[p[:3]].all(), (seed, p)  # real samples pair with real ones
+    seen |= set(p[:3].tolist())
+    # Real samples first, then padding: the same partners whatever the amount.
+    for bsz in (4, 16):
+      more = np.arange(bsz) < 3
+      q = np.asarray(augment.draw_partners(k, bsz, bsz, more))[0]
+      np.testing.assert_array_equal(q[:3], p[:3])
+  assert seen == {0, 1, 2}  # every real sample is drawn
+  # Views of the real samples do not see the padding's content; without the
+  # mask they do (a real sample copies boxes out of a padded partner).
+  x = np.asarray(_batch(5, (8, 16, 16, 16, 2)))
+  y = x.copy()
+  y[3:] = 7.0
+  masked = jax.jit(functools.partial(augment.make_views, valid=valid))
+  leaked = False
+  for seed in range(3):
+    k = jax.random.key(seed)
+    a, b = masked(k, x), masked(k, y)
+    for view in (0, 1):
+      np.testing.assert_array_equal(a[view][:3], b[view][:3])
+    a, b = augment.make_views(k, x), augment.make_views(k, y)
+    leaked |= any(not np.array_equal(a[v][:3], b[v][:3]) for v in (0, 1))
+  assert leaked
+
+
 def test_make_views_layout():
   b = X_SHAPE[0]
   x = _batch(4)

@@ -39,10 +39,10 @@ def params():
 
 
 @jax.jit
-def _separate_forwards(params, key, x):
+def _separate_forwards(params, key, x, valid=None):
   """Reference: views, each view through its own forward, the loss inputs."""
   model = small_model()
-  v1, v2, labels, targets = augment.make_views(key, x)
+  v1, v2, labels, targets = augment.make_views(key, x, valid=valid)
   r1, c1, rec1 = model.apply({"params": params}, v1)
   r2, c2, rec2 = model.apply({"params": params}, v2)
   return (jnp.concatenate([r1, r2]), labels, c1, c2,
@@ -103,9 +103,10 @@ def test_eval_step_ignores_padded_samples(params):
   sums = jax.device_get(eval_step(params, {"image": x, "mask": mask}, key))
   assert sums["count"] == 2
 
-  # Same views (drawn on the full batch), losses of the real samples only.
+  # Same views (drawn on the full batch, padding never a swap source),
+  # losses of the real samples only.
   rot, labels, c1, c2, rec, targets = _separate_forwards(
-      params, key, jnp.asarray(x))
+      params, key, jnp.asarray(x), jnp.asarray(mask))
   both = np.array([0, 1, 4, 5])  # real samples of view 1, then of view 2
   _, want = losses.ssl_loss(rot[both], labels[both], c1[:2], c2[:2],
                             rec[both], targets[both])
@@ -117,6 +118,37 @@ def test_eval_step_ignores_padded_samples(params):
   # Fixed key -> identical numbers every evaluation.
   again = jax.device_get(eval_step(params, {"image": x, "mask": mask}, key))
   assert again == sums
+
+
+def test_eval_sums_do_not_depend_on_padding(params):
+  # The eval pipeline pads a last partial batch to the full batch. Padded
+  # samples must not be swap-drop sources of real ones, so neither the
+  # padding's content nor its amount may change the validation sums.
+  cfg = ssl_step.default_config()
+  mesh = sharding.create_mesh(
+      ml_collections.ConfigDict({"data": 4, "fsdp": 1}),
+      devices=jax.devices()[:4])
+  eval_step = ssl_step.make_eval_step(small_model(), cfg, mesh)
+  real = images(3)[:2]
+  key = jax.random.key(11)
+
+  def sums(batch_size, fill):
+    x = np.empty((batch_size,) + SHAPE[1:], np.float32)
+    x[:2] = real
+    x[2:] = fill(x[2:].shape)
+    mask = np.arange(batch_size) < 2
+    return jax.device_get(eval_step(params, {"image": x, "mask": mask}, key))
+
+  rng = np.random.default_rng(0)
+  want = sums(4, np.zeros)  # the pipeline's placeholder padding
+  for batch_size, fill in ((4, lambda s: rng.uniform(-5, 5, s)),
+                           (4, lambda s: np.full(s, 3.0)),
+                           (8, lambda s: rng.uniform(size=s))):
+    got = sums(batch_size, fill)
+    assert got["count"] == 2
+    for k in ("rot", "con", "rec", "total"):
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{k}, batch {batch_size}")
 
 
 def test_bad_batch_names_the_key(params):
