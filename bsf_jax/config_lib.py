@@ -144,6 +144,7 @@ def train_config() -> ml_collections.ConfigDict:
 
 def seg_config() -> ml_collections.ConfigDict:
   """The `config.seg` block: stage-3 loss and whole-volume validation."""
+  from bsf_jax import metrics  # Here, so configs/*.py import cheaply.
   return ml_collections.ConfigDict(dict(
       # "dice" (BSF: DiceLoss(sigmoid=True)) or "dice_ce" (Dice + BCE).
       loss="dice",
@@ -152,8 +153,9 @@ def seg_config() -> ml_collections.ConfigDict:
       # Dice smoothing as in the BSF fine-tuning script (0 and 1e-6).
       smooth_nr=0.0,
       smooth_dr=1e-6,
-      # Sigmoid threshold for the TC/WT/ET masks.
-      threshold=0.5,
+      # Sigmoid threshold for the TC/WT/ET masks: p >= threshold is
+      # foreground (`metrics.binarize`, MONAI AsDiscrete).
+      threshold=metrics.THRESHOLD,
       # Sliding-window validation: overlap 0.5 (BSF), windows per batch.
       sw_overlap=0.5,
       sw_batch_size=4,

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from bsf_jax import checkpointing
+from bsf_jax import checkpointing, metrics
 from bsf_jax.data import pipeline
 from bsf_jax.trainers import finetune, loop
 
@@ -80,8 +80,8 @@ def save_figure(path: str, item: dict, probs: np.ndarray,
   import matplotlib.pyplot as plt
 
   image = np.asarray(item["image"])[..., 0]
-  gt = np.asarray(item["label"]) >= 0.5
-  pred = probs >= threshold
+  gt = metrics.binarize(np.asarray(item["label"]))
+  pred = metrics.binarize(probs, threshold)
   # Axial slice (last spatial axis in RAS) where the ground truth is largest.
   z = int(np.argmax(gt.any(-1).sum((0, 1)))) if gt.any() else image.shape[2] // 2
   fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))

@@ -19,6 +19,9 @@ metrics (MONAI uses [B, K, *spatial]; only the layout differs).
   6-connectivity); other connectivities are an option.
 * `brats_region_dice` / `brats_channels_to_labels` handle the overlapping
   BraTS regions TC, WT, ET (SPEC section 5).
+* `binarize` is the one probability -> mask rule of the package (validation,
+  evaluation, figures, prediction): `p >= threshold`, as MONAI
+  `AsDiscrete(threshold=0.5)` in the BraTS reference pipelines.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ REDUCTIONS = ("none", "mean", "sum", "mean_batch", "sum_batch", "mean_channel",
 BRATS_REGIONS = ("TC", "WT", "ET")
 # scipy.ndimage.generate_binary_structure rank for each 3D connectivity.
 _CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
+# Default probability threshold of `binarize` (and `config.seg.threshold`).
+THRESHOLD = 0.5
 
 
 def _xp(*arrays):
@@ -257,9 +262,18 @@ def atlas_metrics(pred, gt, connectivity: int = 6) -> dict[str, float]:
   }
 
 
-def _binary(a) -> np.ndarray:
-  a = np.asarray(a)
-  return a if a.dtype == bool else a > 0.5
+def binarize(probs, threshold: float = THRESHOLD):
+  """Probabilities (or soft labels) -> bool mask: `probs >= threshold`.
+
+  The package's one binarisation rule. `>=` is MONAI
+  `AsDiscrete(threshold=...)`, the post-transform of the BraTS/SwinUNETR
+  reference pipelines, so a probability of exactly `threshold` is
+  foreground. Bool input is returned unchanged. Works on NumPy arrays and on
+  jax arrays (also inside `jit`).
+  """
+  xp = _xp(probs)
+  a = xp.asarray(probs)
+  return a if a.dtype == bool else a >= threshold
 
 
 def brats_region_dice(pred_channels, label_channels) -> dict[str, float]:
@@ -267,7 +281,7 @@ def brats_region_dice(pred_channels, label_channels) -> dict[str, float]:
 
   Args:
     pred_channels: [H, W, D, 3] or [B, H, W, D, 3] masks (bool, or values
-      thresholded at 0.5).
+      binarised with `binarize`, i.e. >= 0.5).
     label_channels: ground truth in the same layout.
 
   Returns:
@@ -275,8 +289,8 @@ def brats_region_dice(pred_channels, label_channels) -> dict[str, float]:
     MONAI `ignore_empty=True` (a region absent from the ground truth is NaN
     and skipped), and the NaN-skipping mean of the three regions.
   """
-  pred = _binary(pred_channels)
-  gt = _binary(label_channels)
+  pred = binarize(pred_channels)
+  gt = binarize(label_channels)
   if pred.ndim == 4:
     pred, gt = pred[None], gt[None]
   if pred.ndim != 5 or pred.shape[-1] != 3 or pred.shape != gt.shape:
@@ -294,7 +308,7 @@ def brats_region_dice(pred_channels, label_channels) -> dict[str, float]:
 
 
 def brats_channels_to_labels(probs_or_mask, et_label: int = 4,
-                             threshold: float = 0.5) -> np.ndarray:
+                             threshold: float = THRESHOLD) -> np.ndarray:
   """Writes TC/WT/ET channels back to a BraTS label map.
 
   0 everywhere, then 2 where WT, 1 where TC, `et_label` where ET, in that
@@ -302,8 +316,8 @@ def brats_channels_to_labels(probs_or_mask, et_label: int = 4,
 
   Args:
     probs_or_mask: [..., 3] channels (TC, WT, ET): bool masks, or
-      probabilities thresholded with `> threshold` (the BraTS reference
-      scripts' rule).
+      probabilities binarised with `binarize` (`>= threshold`, MONAI
+      `AsDiscrete`).
     et_label: 4 for BraTS 2021, 3 for BraTS 2023.
     threshold: probability threshold for non-bool input.
 
@@ -314,7 +328,7 @@ def brats_channels_to_labels(probs_or_mask, et_label: int = 4,
   if a.shape[-1:] != (3,):
     raise ValueError(f"brats_channels_to_labels: expected [..., 3] channels "
                      f"(TC, WT, ET), got shape {a.shape}.")
-  on = a if a.dtype == bool else a > threshold
+  on = binarize(a, threshold)
   labels = np.zeros(a.shape[:-1], np.uint8)
   labels[on[..., 1]] = 2
   labels[on[..., 0]] = 1

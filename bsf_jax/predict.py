@@ -167,7 +167,7 @@ def _predict(checkpoint: str, inputs: str, output: str, which: str) -> None:
       labels = metrics.brats_channels_to_labels(
           probs, et_label=contract.get("et_label", 4))
     else:
-      labels = (probs[..., 0] >= 0.5).astype(np.uint8)
+      labels = metrics.binarize(probs[..., 0]).astype(np.uint8)
     name = re.sub(r"(_[a-z0-9]+)?\.nii(\.gz)?$", "", os.path.basename(files[0]))
     out_path = os.path.join(output, f"{name}_pred.nii.gz")
     write_like(out_path, np.asarray(labels), files[0])

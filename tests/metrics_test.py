@@ -202,11 +202,12 @@ def test_brats_channels_to_labels_hand_built():
                     [0.7, 0.6, 0.95],
                     [0.0, 0.0, 0.7],
                     [0.5, 0.5, 0.5]], np.float32)
+  # p >= 0.5 is foreground (MONAI AsDiscrete): the last voxel is TC+WT+ET.
   np.testing.assert_array_equal(metrics.brats_channels_to_labels(probs),
-                                [0, 2, 1, 4, 4, 0])
+                                [0, 2, 1, 4, 4, 4])
   np.testing.assert_array_equal(
       metrics.brats_channels_to_labels(probs > 0.5, et_label=3),
-      [0, 2, 1, 3, 3, 0])
+      [0, 2, 1, 3, 3, 0])  # bool masks are taken as they are
   with pytest.raises(ValueError, match=r"\[\.\.\., 3\]"):
     metrics.brats_channels_to_labels(probs[:, :2])
 
@@ -235,3 +236,34 @@ def test_brats_region_dice_hand_built():
   assert np.isnan(db["ET"])
   with pytest.raises(ValueError, match="TC, WT, ET"):
     metrics.brats_region_dice(pred[..., :2], gt[..., :2])
+
+
+def test_one_threshold_at_exactly_half():
+  from monai.transforms import AsDiscrete
+  from bsf_jax import config_lib
+  from bsf_jax.trainers import finetune
+
+  p = np.array([0.0, 0.4999999, 0.5, 0.5000001, 1.0], np.float32)
+  want = np.array([False, False, True, True, True])
+  np.testing.assert_array_equal(metrics.binarize(p), want)
+  np.testing.assert_array_equal(jax.jit(metrics.binarize)(jnp.asarray(p)), want)
+  # The rule of the BraTS reference pipelines' post-transform.
+  import torch
+  np.testing.assert_array_equal(
+      np.asarray(AsDiscrete(threshold=0.5)(torch.from_numpy(p[None]))[0]) > 0,
+      want)
+  assert config_lib.seg_config().threshold == metrics.THRESHOLD == 0.5
+
+  # Every consumer agrees at exactly 0.5: the BraTS label map (predict), the
+  # region Dice from probabilities, and the validation / evaluation metrics.
+  gt = np.zeros((4, 4, 4, 3), np.float32)
+  gt[1:3, 1:3, 1:3] = 1.0
+  probs = np.where(gt > 0, 0.5, 0.4999999).astype(np.float32)
+  labels = metrics.brats_channels_to_labels(probs)
+  np.testing.assert_array_equal(labels, np.where(gt[..., 0] > 0, 4, 0))
+  assert metrics.brats_region_dice(probs, gt)["mean"] == 1.0
+  scores = finetune.volume_metrics(probs, gt, "brats", metrics.THRESHOLD)
+  assert scores["dice_TC"] == scores["dice_WT"] == scores["dice_ET"] == 1.0
+  atlas = finetune.volume_metrics(probs[..., :1], gt[..., :1], "atlas",
+                                  metrics.THRESHOLD)
+  assert atlas["atlas_dice"] == 1.0 and atlas["atlas_lesion_f1"] == 1.0

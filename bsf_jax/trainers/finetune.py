@@ -56,8 +56,8 @@ def make_predict_volume(model, config: ml_collections.ConfigDict, mesh=None):
 def volume_metrics(probs: np.ndarray, label: np.ndarray, label_format: str,
                    threshold: float) -> dict[str, float]:
   """Per-volume Dice (and ATLAS lesion metrics) from probabilities."""
-  pred = probs >= threshold
-  gt = label >= 0.5
+  pred = metrics.binarize(probs, threshold)
+  gt = metrics.binarize(label)
   if label_format == "brats":
     return {f"dice_{k}": float(v) for k, v in
             metrics.brats_region_dice(pred, gt).items()}
