@@ -151,11 +151,22 @@ def _predict(checkpoint: str, inputs: str, output: str, which: str) -> None:
       k: contract["intensity"][k] for k in ("kind", "a_min", "a_max")
       if k in contract["intensity"]})
   subjects = resolve_inputs(inputs, modalities)
+  out_paths = [os.path.join(output, f"{_output_name(files[0])}_pred.nii.gz")
+               for files in subjects]
+  first_input: dict[str, str] = {}
+  for files, out_path in zip(subjects, out_paths):
+    if out_path in first_input:
+      # Checked before anything is written: one subject must never silently
+      # overwrite another's prediction.
+      raise InputError(
+          f"{files[0]} and {first_input[out_path]} would both be written to "
+          f"{out_path}; predict them into separate --output folders")
+    first_input[out_path] = files[0]
   os.makedirs(output, exist_ok=True)
   print(f"checkpoint {checkpoint} step {step}: modalities {modalities}, "
         f"{len(subjects)} subject(s)")
   start = time.time()
-  for i, files in enumerate(subjects, 1):
+  for i, (files, out_path) in enumerate(zip(subjects, out_paths), 1):
     volumes = [data_io.read_volume(f) for f in files]
     shapes = {v.data.shape for v in volumes}
     if len(shapes) != 1:
@@ -168,12 +179,15 @@ def _predict(checkpoint: str, inputs: str, output: str, which: str) -> None:
           probs, et_label=contract.get("et_label", 4))
     else:
       labels = metrics.binarize(probs[..., 0]).astype(np.uint8)
-    name = re.sub(r"(_[a-z0-9]+)?\.nii(\.gz)?$", "", os.path.basename(files[0]))
-    out_path = os.path.join(output, f"{name}_pred.nii.gz")
     write_like(out_path, np.asarray(labels), files[0])
     elapsed = time.time() - start
     print(f"[{i}/{len(subjects)}] {out_path}  ({elapsed:.0f}s, "
           f"eta {elapsed / i * (len(subjects) - i):.0f}s)", flush=True)
+
+
+def _output_name(first_file: str) -> str:
+  """Subject name of an output: the first modality's file name, suffix dropped."""
+  return re.sub(r"(_[a-z0-9]+)?\.nii(\.gz)?$", "", os.path.basename(first_file))
 
 
 def _config_from_contract(contract: dict) -> ml_collections.ConfigDict:

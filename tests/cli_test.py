@@ -164,6 +164,21 @@ def test_predict_rejects_inputs_off_the_contract(cohort, run, tmp_path):
                    result.stderr), result.stderr[-3000:]
   assert not glob.glob(os.path.join(out, "*.nii*"))
 
+  # Two subjects whose outputs would share a name (same file names in two
+  # folders): refused before anything is written, naming both inputs.
+  for copy in ("site_a", "site_b"):
+    shutil.copytree(subject, tmp_path / copy / os.path.basename(subject))
+  clash = tmp_path / "clash.json"
+  clash.write_text(json.dumps({"test": [
+      {"image": _files(str(tmp_path / copy / os.path.basename(subject)))}
+      for copy in ("site_a", "site_b")]}))
+  result = _cli("bsf_jax.predict", "--checkpoint", run, "--input", clash,
+                "--output", out)
+  assert result.returncode != 0
+  assert "would both be written to" in result.stderr, result.stderr[-3000:]
+  assert "site_a" in result.stderr and "site_b" in result.stderr
+  assert not glob.glob(os.path.join(out, "*.nii*"))
+
 
 def _number(cell):
   return float(cell.split(" ± ")[0])
