@@ -89,12 +89,16 @@ def test_bf16_train_step_keeps_fp32_params():
   np.testing.assert_allclose(float(m["loss"]), float(want), rtol=0.05)
 
 
-def test_eval_step_ignores_padded_samples(params):
-  cfg = ssl_step.default_config()
+def _eval_step_on_4_devices():
+  """The SSL eval step of the small model, batch split over 4 devices."""
   mesh = sharding.create_mesh(
       ml_collections.ConfigDict({"data": 4, "fsdp": 1}),
       devices=jax.devices()[:4])
-  eval_step = ssl_step.make_eval_step(small_model(), cfg, mesh)
+  return ssl_step.make_eval_step(small_model(), ssl_step.default_config(), mesh)
+
+
+def test_eval_step_ignores_padded_samples(params):
+  eval_step = _eval_step_on_4_devices()
   x = images(2)
   # Padding rows hold other values; they must not enter the sums.
   x[2:] = 0.5
@@ -124,11 +128,7 @@ def test_eval_sums_do_not_depend_on_padding(params):
   # The eval pipeline pads a last partial batch to the full batch. Padded
   # samples must not be swap-drop sources of real ones, so neither the
   # padding's content nor its amount may change the validation sums.
-  cfg = ssl_step.default_config()
-  mesh = sharding.create_mesh(
-      ml_collections.ConfigDict({"data": 4, "fsdp": 1}),
-      devices=jax.devices()[:4])
-  eval_step = ssl_step.make_eval_step(small_model(), cfg, mesh)
+  eval_step = _eval_step_on_4_devices()
   real = images(3)[:2]
   key = jax.random.key(11)
 
