@@ -126,17 +126,61 @@ def _attention_probs(q, k, bias, mask):
   return jax.nn.softmax(logits, axis=-1).astype(q.dtype)
 
 
+# Bytes of attention probabilities one step of the CPU forward loop holds: small
+# enough to stay in the 2 MiB per-core L2 of the CPUs we measured on.
+_CHUNK_BYTES = 1 << 20
+
+
+def _windows_per_chunk(period: int, heads: int, n: int) -> int:
+  """Largest divisor of `period` windows whose probabilities fit the chunk budget.
+
+  period: the mask's window count (a chunk must not straddle two mask
+  repetitions), or all windows when there is no mask.
+  """
+  per_window = heads * n * n * 4
+  fits = [c for c in range(1, period + 1) if period % c == 0 and c * per_window <= _CHUNK_BYTES]
+  return max(fits, default=1)
+
+
+def _attention_by_chunks(q, k, v, bias, mask):
+  """The attention forward on CPU, a few windows at a time (`lax.scan`).
+
+  The whole-array forward materialises (bw, heads, n, n) probabilities (about
+  1 GB for two 96^3 volumes at stage 1) and XLA:CPU fuses the softmax into the
+  dot, which ran 2-3x slower than this loop whose per-step probabilities stay
+  in cache. Same arithmetic, so the same numbers (BENCHMARKS.md). On GPU the
+  loop would serialise hundreds of tiny kernels, so it is CPU-only.
+  """
+  bw, n, heads, _ = q.shape
+  period = bw if mask is None else mask.shape[0]
+  c = _windows_per_chunk(period, heads, n)
+  chunk = lambda t: t.reshape(t.shape[0] // c, c, *t.shape[1:])
+  mask_chunks = None if mask is None else chunk(mask)
+
+  def step(_, xs):
+    i, qc, kc, vc = xs
+    mc = None if mask is None else mask_chunks[i % (period // c)]
+    probs = _attention_probs(qc, kc, bias, mc)
+    return None, jnp.einsum("bhnm,bmhd->bnhd", probs, vc)
+
+  _, out = jax.lax.scan(step, None, (jnp.arange(bw // c), chunk(q), chunk(k), chunk(v)))
+  return out.reshape(q.shape)
+
+
 @jax.custom_vjp
 def attention(q, k, v, bias, mask):
   """Window attention core: softmax(q k^T + bias + mask) v, (bw, n, heads, hd).
 
   q is already scaled. bias: (heads, n, n) fp32; mask: (nW, n, n) or None.
-  Same forward as autodiff of `_attention_probs`; the backward uses the
-  flash-attention identity rowsum(dP * P) = rowsum(dO * O), a reduction over
-  head_dim (16-32) instead of over n = 343 keys, and sums the bias gradient
-  over windows as a matmul. Both were the slowest ops of the Swin backward on
-  XLA:CPU (BENCHMARKS.md).
+  Undifferentiated (inference, validation) on CPU, it runs
+  `_attention_by_chunks`. Differentiated, the forward keeps the whole
+  probabilities for the backward, which uses the flash-attention identity
+  rowsum(dP * P) = rowsum(dO * O), a reduction over head_dim (16-32) instead of
+  over n = 343 keys, and sums the bias gradient over windows as a matmul. Both
+  were the slowest ops of the Swin backward on XLA:CPU (BENCHMARKS.md).
   """
+  if jax.default_backend() == "cpu":
+    return _attention_by_chunks(q, k, v, bias, mask)
   return jnp.einsum("bhnm,bmhd->bnhd", _attention_probs(q, k, bias, mask), v)
 
 
