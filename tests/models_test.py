@@ -272,5 +272,10 @@ def test_attention_by_chunks_equals_whole_array(window, num_mask, batch):
   print(f"\n[window {window}, {num_mask} mask windows, batch {batch}] {per_step} windows per step, "
         f"max diff {float(jnp.abs(whole - chunked).max()):.2e}")
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-5, atol=1e-6)
+  # The training forward also returns the probabilities its backward uses.
+  out, probs = jax.jit(functools.partial(swin._attention_by_chunks, keep_probs=True))(q, k, v, bias, mask)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(chunked), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(probs), np.asarray(swin._attention_probs(q, k, bias, mask)),
+                             rtol=1e-5, atol=1e-7)
   if window != (7, 7, 7):
     assert per_step > 1  # the multi-window step is exercised

@@ -142,7 +142,7 @@ def _windows_per_chunk(period: int, heads: int, n: int) -> int:
   return max(fits, default=1)
 
 
-def _attention_by_chunks(q, k, v, bias, mask):
+def _attention_by_chunks(q, k, v, bias, mask, keep_probs: bool = False):
   """The attention forward on CPU, a few windows at a time (`lax.scan`).
 
   The whole-array forward materialises (bw, heads, n, n) probabilities (about
@@ -150,6 +150,9 @@ def _attention_by_chunks(q, k, v, bias, mask):
   dot, which ran 2-3x slower than this loop whose per-step probabilities stay
   in cache. Same arithmetic, so the same numbers (BENCHMARKS.md). On GPU the
   loop would serialise hundreds of tiny kernels, so it is CPU-only.
+
+  Returns the output, or (output, probabilities) with `keep_probs` (the
+  training forward, whose backward needs them).
   """
   bw, n, heads, _ = q.shape
   period = bw if mask is None else mask.shape[0]
@@ -161,10 +164,21 @@ def _attention_by_chunks(q, k, v, bias, mask):
     i, qc, kc, vc = xs
     mc = None if mask is None else mask_chunks[i % (period // c)]
     probs = _attention_probs(qc, kc, bias, mc)
-    return None, jnp.einsum("bhnm,bmhd->bnhd", probs, vc)
+    out = jnp.einsum("bhnm,bmhd->bnhd", probs, vc)
+    return None, ((out, probs) if keep_probs else out)
 
-  _, out = jax.lax.scan(step, None, (jnp.arange(bw // c), chunk(q), chunk(k), chunk(v)))
-  return out.reshape(q.shape)
+  _, ys = jax.lax.scan(step, None, (jnp.arange(bw // c), chunk(q), chunk(k), chunk(v)))
+  if keep_probs:
+    return ys[0].reshape(q.shape), ys[1].reshape(bw, heads, n, n)
+  return ys.reshape(q.shape)
+
+
+def _attention_with_probs(q, k, v, bias, mask):
+  """(softmax(q k^T + bias + mask) v, the softmax) for the training forward."""
+  if jax.default_backend() == "cpu":
+    return _attention_by_chunks(q, k, v, bias, mask, keep_probs=True)
+  probs = _attention_probs(q, k, bias, mask)
+  return jnp.einsum("bhnm,bmhd->bnhd", probs, v), probs
 
 
 @jax.custom_vjp
@@ -172,12 +186,12 @@ def attention(q, k, v, bias, mask):
   """Window attention core: softmax(q k^T + bias + mask) v, (bw, n, heads, hd).
 
   q is already scaled. bias: (heads, n, n) fp32; mask: (nW, n, n) or None.
-  Undifferentiated (inference, validation) on CPU, it runs
-  `_attention_by_chunks`. Differentiated, the forward keeps the whole
-  probabilities for the backward, which uses the flash-attention identity
-  rowsum(dP * P) = rowsum(dO * O), a reduction over head_dim (16-32) instead of
-  over n = 343 keys, and sums the bias gradient over windows as a matmul. Both
-  were the slowest ops of the Swin backward on XLA:CPU (BENCHMARKS.md).
+  On CPU the forward runs `_attention_by_chunks`. Differentiated, the forward
+  also keeps the probabilities for the backward, which uses the
+  flash-attention identity rowsum(dP * P) = rowsum(dO * O), a reduction over
+  head_dim (16-32) instead of over n = 343 keys, and sums the bias gradient
+  over windows as a matmul. Both were the slowest ops of the Swin backward on
+  XLA:CPU (BENCHMARKS.md).
   """
   if jax.default_backend() == "cpu":
     return _attention_by_chunks(q, k, v, bias, mask)
@@ -185,8 +199,7 @@ def attention(q, k, v, bias, mask):
 
 
 def _attention_fwd(q, k, v, bias, mask):
-  probs = _attention_probs(q, k, bias, mask)
-  out = jnp.einsum("bhnm,bmhd->bnhd", probs, v)
+  out, probs = _attention_with_probs(q, k, v, bias, mask)
   return out, (q, k, v, probs, out, mask)
 
 
