@@ -172,12 +172,28 @@ def test_compiles_once_per_shape():
     return win[..., :1] * scale
 
   x = jnp.ones((1, 10, 10, 10, 2))
+  assert len(inference.window_starts((10, 10, 10), (6, 6, 6), 0.5)) == 27
   for scale in (1.0, 2.0):  # new traced args, same static config: no retrace
     out = inference.sliding_window_inference(
         x, 6, predictor, sw_batch_size=4, predictor_args=(jnp.float32(scale),))
     np.testing.assert_allclose(np.asarray(out), scale)
-  # One trace for the output-shape probe and one for the scan body.
-  assert len(traces) == 2 and all(t == (4, 6, 6, 6, 2) for t in traces)
+  # Traced once each: the output-shape probe, the scan body (6 batches of 4)
+  # and the 3-window remainder, which is not padded up to 4 windows.
+  assert traces == [(4, 6, 6, 6, 2), (4, 6, 6, 6, 2), (3, 6, 6, 6, 2)]
+
+
+def test_fewer_windows_than_the_batch_predicts_only_real_windows():
+  """One window with sw_batch_size 4: the predictor runs on 1 window, not 4."""
+  seen = []
+
+  def predictor(win):
+    seen.append(win.shape[0])
+    return win[..., :1] * 3.0
+
+  out = inference.sliding_window_inference(jnp.ones((1, 6, 6, 6, 1)), 6, predictor,
+                                           sw_batch_size=4)
+  np.testing.assert_allclose(np.asarray(out), 3.0)
+  assert seen == [1, 1]  # the shape probe and the one real batch
 
 
 def test_bad_arguments_raise_clearly():
