@@ -11,6 +11,10 @@ explicit file lists must name the files in the contract's order (checked
 against the file names where they carry a modality). Wrong channel order is
 the most common silent failure of the original, so a mismatch is an error.
 
+The sigmoid threshold and the sliding-window settings (overlap, windows per
+batch, blending) are the ones the run validated with, recorded in the
+checkpoint; `--threshold`, `--overlap` and `--sw_batch_size` override them.
+
 Predictions are written in the input's own orientation with its affine and
 header, so they overlay the input in any viewer. BraTS outputs are label maps
 0/1/2/4 (SPEC section 5 order); ATLAS outputs are binary masks.
@@ -30,7 +34,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from bsf_jax import checkpointing, metrics
+from bsf_jax import checkpointing, config_lib, metrics
 from bsf_jax.data import io as data_io
 from bsf_jax.data import transforms
 from bsf_jax.trainers import finetune, loop
@@ -128,13 +132,43 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    _predict(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.step)
+    _predict(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.step,
+             overrides=dict(threshold=FLAGS.threshold,
+                            sw_overlap=FLAGS.overlap,
+                            sw_batch_size=FLAGS.sw_batch_size))
   except (InputError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 
 
-def _predict(checkpoint: str, inputs: str, output: str, which: str) -> None:
+def inference_settings(meta: dict, overrides: dict) -> tuple[dict, str]:
+  """The `config.seg` inference fields to predict with, and where they came from.
+
+  The checkpoint's recorded settings (`loop.inference_settings`), else the
+  defaults for checkpoints written before they were recorded; then any
+  non-None override.
+  """
+  defaults = config_lib.seg_config()
+  settings = {k: defaults[k] for k in loop.INFERENCE_KEYS}
+  recorded = meta.get("inference")
+  if recorded is None:
+    source = "defaults (the checkpoint predates recorded inference settings)"
+  else:
+    settings.update({k: recorded[k] for k in loop.INFERENCE_KEYS
+                     if k in recorded})
+    source = "checkpoint"
+  given = {k: v for k, v in overrides.items() if v is not None}
+  if given:
+    settings.update(given)
+    source += " + flags " + ", ".join(sorted(given))
+  if not 0 <= settings["threshold"] <= 1:
+    raise ValueError(f"threshold must be in [0, 1], got "
+                     f"{settings['threshold']} (from {source})")
+  return settings, source
+
+
+def _predict(checkpoint: str, inputs: str, output: str, which: str,
+             overrides: dict | None = None) -> None:
   params, meta, step = checkpointing.restore_params(
       checkpoint, which, metric="val_dice_mean", mode="max")
   contract = meta.get("contract")
@@ -145,6 +179,8 @@ def _predict(checkpoint: str, inputs: str, output: str, which: str) -> None:
                      "cannot segment; use a fine-tuning (stage 3) run")
   modalities = list(contract["modalities"])
   config = _config_from_contract(contract)
+  settings, settings_source = inference_settings(meta, overrides or {})
+  config.seg.update(settings)
   model = loop.build_model(config)
   predict = finetune.make_predict_volume(model, config)
   intensity = transforms.Intensity(**{
@@ -165,6 +201,8 @@ def _predict(checkpoint: str, inputs: str, output: str, which: str) -> None:
   os.makedirs(output, exist_ok=True)
   print(f"checkpoint {checkpoint} step {step}: modalities {modalities}, "
         f"{len(subjects)} subject(s)")
+  print("inference: " + ", ".join(f"{k}={v}" for k, v in settings.items())
+        + f" ({settings_source})")
   start = time.time()
   for i, (files, out_path) in enumerate(zip(subjects, out_paths), 1):
     volumes = [data_io.read_volume(f) for f in files]
@@ -176,9 +214,11 @@ def _predict(checkpoint: str, inputs: str, output: str, which: str) -> None:
     probs = np.asarray(predict(params, jnp.asarray(image)))
     if contract["label_format"] == "brats":
       labels = metrics.brats_channels_to_labels(
-          probs, et_label=contract.get("et_label", 4))
+          probs, et_label=contract.get("et_label", 4),
+          threshold=config.seg.threshold)
     else:
-      labels = metrics.binarize(probs[..., 0]).astype(np.uint8)
+      labels = metrics.binarize(probs[..., 0],
+                                config.seg.threshold).astype(np.uint8)
     write_like(out_path, np.asarray(labels), files[0])
     elapsed = time.time() - start
     print(f"[{i}/{len(subjects)}] {out_path}  ({elapsed:.0f}s, "
@@ -213,5 +253,11 @@ if __name__ == "__main__":
                       "comma-separated files, or a datalist json.")
   flags.DEFINE_string("output", None, "Output folder.")
   flags.DEFINE_string("step", "best", "best, latest or a step number.")
+  flags.DEFINE_float("threshold", None, "Sigmoid threshold (default: the "
+                     "checkpoint's config.seg.threshold).")
+  flags.DEFINE_float("overlap", None, "Sliding-window overlap (default: the "
+                     "checkpoint's config.seg.sw_overlap).")
+  flags.DEFINE_integer("sw_batch_size", None, "Windows per batch (default: "
+                       "the checkpoint's config.seg.sw_batch_size).")
   flags.mark_flags_as_required(["checkpoint", "input", "output"])
   app.run(main)

@@ -180,6 +180,64 @@ def test_predict_rejects_inputs_off_the_contract(cohort, run, tmp_path):
   assert not glob.glob(os.path.join(out, "*.nii*"))
 
 
+def _step_metas(run_dir):
+  return sorted(glob.glob(
+      os.path.join(run_dir, "checkpoints", "[0-9]*", "meta", "metadata")))
+
+
+def test_inference_settings_recorded_then_overridden(run):
+  from bsf_jax import predict
+  defaults = config_lib.seg_config()
+  metas = _step_metas(run)
+  assert metas, os.listdir(run)
+  for path in metas:
+    with open(path) as f:
+      recorded = json.load(f)["inference"]
+    assert recorded == {"threshold": defaults.threshold,
+                        "sw_overlap": defaults.sw_overlap,
+                        "sw_batch_size": defaults.sw_batch_size,
+                        "sw_mode": defaults.sw_mode}, path
+
+  meta = {"inference": {"threshold": 0.3, "sw_overlap": 0.25,
+                        "sw_batch_size": 2, "sw_mode": "gaussian"}}
+  settings, source = predict.inference_settings(meta, {})
+  assert settings == meta["inference"] and source == "checkpoint"
+  settings, source = predict.inference_settings(
+      meta, {"threshold": 0.7, "sw_overlap": None, "sw_batch_size": 1})
+  assert settings == {"threshold": 0.7, "sw_overlap": 0.25,
+                      "sw_batch_size": 1, "sw_mode": "gaussian"}
+  assert source == "checkpoint + flags sw_batch_size, threshold"
+  # A checkpoint from before the settings were recorded: the defaults, said so.
+  settings, source = predict.inference_settings({"contract": {}}, {})
+  assert settings["threshold"] == defaults.threshold
+  assert source.startswith("defaults")
+  with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\], got 1.5"):
+    predict.inference_settings(meta, {"threshold": 1.5})
+
+
+def test_predict_uses_the_recorded_threshold(cohort, run, tmp_path):
+  # A copy of the run whose checkpoints record threshold 0: every voxel is
+  # then >= threshold in all three channels, so the label map is all ET (4).
+  # With the default 0.5 this untrained model gives a mix of labels.
+  copy = tmp_path / "run_t0"
+  shutil.copytree(run, copy)
+  for path in _step_metas(copy):
+    with open(path) as f:
+      meta = json.load(f)
+    meta["inference"]["threshold"] = 0.0
+    with open(path, "w") as f:
+      json.dump(meta, f)
+  subject = os.path.dirname(cohort["subjects"][3]["flair"])
+  out = tmp_path / "preds"
+  result = _cli("bsf_jax.predict", "--checkpoint", copy, "--input", subject,
+                "--output", out)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "threshold=0.0" in result.stdout and "(checkpoint)" in result.stdout
+  import nibabel as nib
+  (pred_path,) = glob.glob(os.path.join(out, "*_pred.nii.gz"))
+  assert np.all(np.asarray(nib.load(pred_path).dataobj) == 4)
+
+
 def _number(cell):
   return float(cell.split(" ± ")[0])
 

@@ -102,6 +102,17 @@ def input_contract(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json_clean(contract)
 
 
+# The `config.seg` fields that turn a segmentation model's logits into the
+# masks it was validated with. Saved beside the contract (not in it: changing
+# them on resume is legitimate), so `bsf_jax.predict` segments new subjects
+# the way validation did.
+INFERENCE_KEYS = ("threshold", "sw_overlap", "sw_batch_size", "sw_mode")
+
+
+def inference_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json_clean({k: config.seg[k] for k in INFERENCE_KEYS})
+
+
 def json_clean(value: Any) -> Any:
   """Tuples to lists, numpy scalars to Python, recursively (JSON-stable)."""
   if isinstance(value, dict):
@@ -165,7 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job,
       keep_best=config.train.keep_best, best_metric=job.best_metric,
       best_mode=job.best_mode)
   contract = input_contract(config)
-  meta = dict(contract=contract)
+  meta = dict(contract=contract, inference=inference_settings(config))
   step0 = manager.latest_step()
   if step0 is not None:
     saved = checkpointing.read_meta(manager, step0)
