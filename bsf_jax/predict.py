@@ -141,8 +141,9 @@ def main(argv):
     sys.exit(1)
 
 
-def inference_settings(meta: dict, overrides: dict) -> tuple[dict, str]:
-  """The `config.seg` inference fields to predict with, and where they came from.
+def resolve_inference_settings(meta: dict,
+                               overrides: dict) -> tuple[dict, str]:
+  """The `config.seg` inference fields to predict with, and their source.
 
   The checkpoint's recorded settings (`loop.inference_settings`), else the
   defaults for checkpoints written before they were recorded; then any
@@ -179,7 +180,8 @@ def _predict(checkpoint: str, inputs: str, output: str, which: str,
                      "cannot segment; use a fine-tuning (stage 3) run")
   modalities = list(contract["modalities"])
   config = _config_from_contract(contract)
-  settings, settings_source = inference_settings(meta, overrides or {})
+  settings, settings_source = resolve_inference_settings(meta,
+                                                         overrides or {})
   config.seg.update(settings)
   model = loop.build_model(config)
   predict = finetune.make_predict_volume(model, config)

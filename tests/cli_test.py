@@ -200,19 +200,20 @@ def test_inference_settings_recorded_then_overridden(run):
 
   meta = {"inference": {"threshold": 0.3, "sw_overlap": 0.25,
                         "sw_batch_size": 2, "sw_mode": "gaussian"}}
-  settings, source = predict.inference_settings(meta, {})
+  settings, source = predict.resolve_inference_settings(meta, {})
   assert settings == meta["inference"] and source == "checkpoint"
-  settings, source = predict.inference_settings(
+  settings, source = predict.resolve_inference_settings(
       meta, {"threshold": 0.7, "sw_overlap": None, "sw_batch_size": 1})
   assert settings == {"threshold": 0.7, "sw_overlap": 0.25,
                       "sw_batch_size": 1, "sw_mode": "gaussian"}
   assert source == "checkpoint + flags sw_batch_size, threshold"
   # A checkpoint from before the settings were recorded: the defaults, said so.
-  settings, source = predict.inference_settings({"contract": {}}, {})
+  settings, source = predict.resolve_inference_settings({"contract": {}}, {})
   assert settings["threshold"] == defaults.threshold
   assert source.startswith("defaults")
-  with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\], got 1.5"):
-    predict.inference_settings(meta, {"threshold": 1.5})
+  with pytest.raises(ValueError,
+                     match=r"threshold must be in \[0, 1\], got 1.5"):
+    predict.resolve_inference_settings(meta, {"threshold": 1.5})
 
 
 def test_predict_uses_the_recorded_threshold(cohort, run, tmp_path):
