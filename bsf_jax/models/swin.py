@@ -126,6 +126,15 @@ def _attention_probs(q, k, bias, mask):
   return jax.nn.softmax(logits, axis=-1).astype(q.dtype)
 
 
+def _probs_times(probs, x):
+  """(b, heads, n, m) probabilities (or their gradient) @ (b, m, heads, d) -> (b, n, heads, d).
+
+  Computed heads-major, then transposed: XLA:CPU writes a (b, n, heads, d) dot
+  result 2.2x slower than a (b, heads, n, d) one (BENCHMARKS.md, session 4).
+  """
+  return jnp.einsum("bhnm,bmhd->bhnd", probs, x).transpose(0, 2, 1, 3)
+
+
 # Bytes of attention probabilities one step of the CPU forward loop holds: small
 # enough to stay in the 2 MiB per-core L2 of the CPUs we measured on.
 _CHUNK_BYTES = 1 << 20
@@ -164,7 +173,7 @@ def _attention_by_chunks(q, k, v, bias, mask, keep_probs: bool = False):
     i, qc, kc, vc = xs
     mc = None if mask is None else mask_chunks[i % (period // c)]
     probs = _attention_probs(qc, kc, bias, mc)
-    out = jnp.einsum("bhnm,bmhd->bnhd", probs, vc)
+    out = _probs_times(probs, vc)
     return None, ((out, probs) if keep_probs else out)
 
   _, ys = jax.lax.scan(step, None, (jnp.arange(bw // c), chunk(q), chunk(k), chunk(v)))
@@ -178,7 +187,7 @@ def _attention_with_probs(q, k, v, bias, mask):
   if jax.default_backend() == "cpu":
     return _attention_by_chunks(q, k, v, bias, mask, keep_probs=True)
   probs = _attention_probs(q, k, bias, mask)
-  return jnp.einsum("bhnm,bmhd->bnhd", probs, v), probs
+  return _probs_times(probs, v), probs
 
 
 @jax.custom_vjp
@@ -195,7 +204,7 @@ def attention(q, k, v, bias, mask):
   """
   if jax.default_backend() == "cpu":
     return _attention_by_chunks(q, k, v, bias, mask)
-  return jnp.einsum("bhnm,bmhd->bnhd", _attention_probs(q, k, bias, mask), v)
+  return _probs_times(_attention_probs(q, k, bias, mask), v)
 
 
 def _attention_fwd(q, k, v, bias, mask):
@@ -215,7 +224,7 @@ def _attention_bwd(res, d_out):
   d_logits = probs.astype(jnp.float32) * (d_probs - row[..., None])
   d_bias = layers.sum_leading(d_logits, (heads, n, n))
   d_logits = d_logits.astype(q.dtype)
-  d_q = jnp.einsum("bhnm,bmhd->bnhd", d_logits, k)
+  d_q = _probs_times(d_logits, k)
   d_k = jnp.einsum("bhnm,bnhd->bmhd", d_logits, q)
   d_mask = None if mask is None else jnp.zeros_like(mask)
   return d_q, d_k, d_v, d_bias, d_mask
@@ -258,7 +267,7 @@ class WindowAttention(nn.Module):
       # Dropout on the probabilities: the plain autodiff path.
       probs = _attention_probs(q, k, bias, mask)
       probs = nn.Dropout(self.attn_drop)(probs, deterministic=deterministic)
-      y = jnp.einsum("bhnm,bmhd->bnhd", probs, v)
+      y = _probs_times(probs, v)
     y = y.reshape(bw, n, c)
     y = dense(c, name="proj")(y)
     return nn.Dropout(self.proj_drop)(y, deterministic=deterministic)
