@@ -173,38 +173,58 @@ def sample_boxes(key: Array, spatial_shape: Sequence[int], *,
                truncated)
 
 
-def last_box_index(boxes: Boxes, spatial_shape: Sequence[int],
-                   max_side: Sequence[int]) -> Array:
+# Boxes per bit-packed group in `last_box_index`: group sums stay below 2^24,
+# so float32 holds them exactly.
+_BOXES_PER_GROUP = 24
+
+
+def last_box_index(boxes: Boxes, spatial_shape: Sequence[int]) -> Array:
   """Index of the last enabled box covering each voxel, -1 where none.
 
   Later boxes overwrite earlier ones in the reference, so this is the box
-  whose fill a voxel shows. Each box paints its rank (k + 1) over a static
-  max_side footprint with a scatter-max; footprint voxels outside the box are
-  dropped. This costs N * prod(max_side) updates instead of the N * H * W * D
-  of a dense box-membership test (5.6 GB of temporaries at 96^3 on CPU).
+  whose fill a voxel shows. Box membership is separable: voxel (x, y, z) is
+  in box k iff in_hw[k, (x, y)] and in_d[k, z]. Boxes are packed 24 to a
+  group with weights 2^j, and one matmul per group,
+  sum_j 2^j in_hw[k_j, (x, y)] in_d[k_j, z], is an integer below 2^24 whose
+  highest set bit is the last box of the group covering the voxel. All
+  products and sums are small integers, so the float32 matmul is exact. That
+  is 2 N H W D flops of dense matmul (0.4 GFLOP at 96^3), instead of a
+  scatter-max over the N box footprints (about 1 s of an SSL step at 96^3 on
+  CPU) or the N H W D temporaries of a dense membership test.
 
   Args:
     boxes: `Boxes` of one volume.
     spatial_shape: (H, W, D).
-    max_side: static upper bound of each box side (hi - 1 per dim).
 
   Returns:
     [H, W, D] int32.
   """
   h, w, d = (int(n) for n in spatial_shape)
-  grids = np.meshgrid(*[np.arange(int(s)) for s in max_side], indexing="ij")
-  offsets = jnp.asarray(np.stack([g.ravel() for g in grids], -1), jnp.int32)
-  pos = boxes.start[:, None, :] + offsets[None, :, :]  # [N, F, 3]
-  valid = jnp.all(pos < boxes.stop[:, None, :], axis=-1)
-  valid &= boxes.enabled[:, None]
-  flat = (pos[..., 0] * w + pos[..., 1]) * d + pos[..., 2]
-  flat = jnp.where(valid, flat, h * w * d)  # out of range: dropped
   n = boxes.enabled.shape[0]
-  rank = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32)[:, None],
-                          flat.shape)
-  painted = jnp.zeros((h * w * d,), jnp.int32).at[flat.ravel()].max(
-      rank.ravel(), mode="drop")
-  return painted.reshape((h, w, d)) - 1
+  groups = -(-n // _BOXES_PER_GROUP)
+  pad = groups * _BOXES_PER_GROUP - n
+
+  def inside(axis, size):  # [N, size] bool: the box's range on this axis
+    pos = jnp.arange(size, dtype=jnp.int32)[None, :]
+    return ((pos >= boxes.start[:, axis, None])
+            & (pos < boxes.stop[:, axis, None]))
+
+  in_h = inside(0, h) & boxes.enabled[:, None]
+  in_hw = (in_h[:, :, None] & inside(1, w)[:, None, :]).reshape(n, h * w)
+  in_d = inside(2, d)
+  in_hw = jnp.pad(in_hw, ((0, pad), (0, 0)))
+  in_d = jnp.pad(in_d, ((0, pad), (0, 0)))
+  weight = jnp.asarray(2.0**np.arange(_BOXES_PER_GROUP), jnp.float32)
+  in_hw = in_hw.reshape(groups, _BOXES_PER_GROUP, h * w).astype(jnp.float32)
+  in_d = (in_d.reshape(groups, _BOXES_PER_GROUP, d).astype(jnp.float32)
+          * weight[None, :, None])
+  packed = jnp.einsum("gjv,gjz->gvz", in_hw, in_d,
+                      precision=jax.lax.Precision.HIGHEST)  # [G, HW, D]
+  # frexp(s) = (m, e) with s = m 2^e, m in [0.5, 1): the highest bit is e - 1.
+  bit = jnp.frexp(packed)[1] - 1
+  base = (jnp.arange(groups, dtype=jnp.int32) * _BOXES_PER_GROUP)[:, None, None]
+  index = jnp.where(packed > 0, base + bit, -1)
+  return jnp.max(index, axis=0).reshape(h, w, d)
 
 
 def _extremes(key: Array, n: Array) -> tuple[Array, Array, Array, Array]:
@@ -270,8 +290,7 @@ def _box_index(key: Array, spatial: tuple[int, ...],
                cfg: dict) -> tuple[Array, Array]:
   """Boxes of one sample -> ([H, W, D] last-box index, [N] box volumes)."""
   boxes = sample_boxes(jax.random.split(key, 3)[0], spatial, **cfg)
-  limits = block_limits(spatial, cfg["max_block_sz"], cfg["tolr"])
-  idx = last_box_index(boxes, spatial, [hi - 1 for _, hi in limits])
+  idx = last_box_index(boxes, spatial)
   return idx, jnp.prod(boxes.stop - boxes.start, axis=1).astype(jnp.float32)
 
 
