@@ -143,6 +143,10 @@ _CHUNK_BYTES = 1 << 20
 def _windows_per_chunk(period: int, heads: int, n: int) -> int:
   """Largest divisor of `period` windows whose probabilities fit the chunk budget.
 
+  One window when even one does not fit, as at stage 1 (3 heads x 343^2
+  floats = 1.4 MB); a sweep of 1, 7 and 49 windows per step measured the same
+  there (BENCHMARKS.md, session 4).
+
   period: the mask's window count (a chunk must not straddle two mask
   repetitions), or all windows when there is no mask.
   """
