@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from bsf_jax import augment, losses, sharding
+from bsf_jax import augment, losses, models, sharding
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -88,7 +88,7 @@ def make_loss_fn(model: nn.Module, cfg_ssl: ml_collections.ConfigDict,
     loss_fn. `batch["image"]` is [B, H, W, D, C]; `rng` drives the views and
     dropout. Metrics: the unweighted terms `rot`, `con`, `rec`.
   """
-  model = model.clone(dtype=dtype)
+  model = models.with_compute_dtype(model, dtype)
 
   def loss_fn(params, batch, rng):
     x = _check_image(batch)
@@ -131,7 +131,7 @@ def make_eval_step(model: nn.Module, cfg_ssl: ml_collections.ConfigDict,
     are never swap-drop sources (`augment.draw_partners`), so neither their
     content nor their number changes the sums.
   """
-  model = model.clone(dtype=dtype)
+  model = models.with_compute_dtype(model, dtype)
 
   def eval_step(params, batch, key):
     x = _check_image(batch)
