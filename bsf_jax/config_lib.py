@@ -109,10 +109,19 @@ def model_config(name: str, size: str = "tiny") -> ml_collections.ConfigDict:
       dropout_path_rate=0.0,
       drop_rate=0.0,
       attn_drop_rate=0.0,
-      # Compute dtype ("float32" or "bfloat16"); params always stay float32.
+      # Compute dtype ("float32" or "bfloat16"); params, optimizer state,
+      # norms, softmax and losses stay float32. The stage configs use
+      # bfloat16 (accelerators); runlocal and the demo use float32.
       dtype="float32",
-      # Rematerialise Swin and conv blocks to trade compute for memory.
-      remat=False,
+      # Kernels: "auto" (from the run's devices), "xla" or "cpu"
+      # (docs/models.md has the table).
+      impl="auto",
+      # Window attention: "einsum", "xla_dpa" or "cudnn" (bf16, NVIDIA GPUs).
+      attention="einsum",
+      # What the backward recomputes: "none", "block" (each Swin block and
+      # conv block from its input) or a jax.checkpoint_policies name such as
+      # "dots_saveable".
+      remat="none",
   ))
 
 
@@ -208,6 +217,8 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
   config.model.depths = (1, 1, 1, 1)
   config.model.num_heads = (1, 1, 1, 1)
   config.model.feature_size = 12
+  # bfloat16 is slower than float32 on CPUs.
+  config.model.dtype = "float32"
   # The SSL head reads bottleneck tokens 0 and 1, so SSL crops need >= 2
   # tokens (a dim of 64); H == W for the rotations.
   config.data.roi = (64, 64, 32) if config.trainer == "pretrain" else (32, 32, 32)
@@ -263,6 +274,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems.append(
         f"config.data.roi={roi}: the SSL head reads bottleneck tokens 0 and 1, "
         f"so the roi needs >= 2 bottleneck tokens (one dim >= {2 * multiple})")
+  problems.extend(_model_choice_problems(config.model))
   if config.train.nonfinite not in ("skip", "halt"):
     problems.append(f"config.train.nonfinite={config.train.nonfinite!r}: "
                     "expected 'skip' or 'halt'")
@@ -271,6 +283,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
       problems.append(f"config.train.{key}={config.train[key]} must be > 0")
   if problems:
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def _model_choice_problems(model: ml_collections.ConfigDict) -> list[str]:
+  """Problems with config.model's kernel, attention, remat and dtype choices."""
+  from bsf_jax.models import swin_config
+  problems = []
+  choices = (("impl", swin_config.IMPLS), ("attention", swin_config.ATTENTION_KERNELS),
+             ("remat", swin_config.REMAT_CHOICES), ("dtype", ("float32", "bfloat16")))
+  for key, allowed in choices:
+    value = model.get(key)
+    if key == "remat" and isinstance(value, bool):
+      continue  # Older configs: False/True mean "none"/"block".
+    if value not in allowed:
+      problems.append(f"config.model.{key}={value!r}: expected one of {list(allowed)}")
+  if model.get("attention") == "cudnn" and model.get("dtype") != "bfloat16":
+    problems.append(f"config.model.attention='cudnn' needs config.model.dtype='bfloat16' "
+                    f"(cuDNN fused attention has no float32 kernel), got {model.get('dtype')!r}")
+  return problems
 
 
 def load_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

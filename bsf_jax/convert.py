@@ -280,7 +280,11 @@ def model_kwargs_from_state_dict(sd: Mapping[str, Any], kind: str) -> dict:
 
 
 def build_model(kind: str, **kwargs):
-  """The Flax module for `kind` ("swin_unetr", "ssl_head", "encoder") built from kwargs."""
+  """The Flax module for `kind` ("swin_unetr", "ssl_head", "encoder") built from kwargs.
+
+  kwargs are the model constructor's (MONAI) keywords, e.g. from
+  `model_kwargs_from_state_dict`; impl defaults to "auto".
+  """
   cls = {"swin_unetr": models.SwinUNETR, "ssl_head": models.SSLHead,
          "encoder": models.SwinTransformer}.get(kind)
   if cls is None:
@@ -317,9 +321,7 @@ def load_encoder_into(params: Mapping, sd: Mapping[str, Any], model) -> dict:
     A new params dict with `swinViT` replaced.
   """
   enc_sd = encoder_state_dict(sd)
-  names = ("in_channels", "feature_size", "depths", "num_heads", "window_size", "patch_size",
-           "mlp_ratio", "qkv_bias", "dtype", "param_dtype")
-  encoder = models.SwinTransformer(**{n: getattr(model, n) for n in names})
+  encoder = models.SwinTransformerNet(model.in_channels, config=model.config)
   enc_params = params_from_torch(enc_sd, "encoder", encoder)
   ignored = len(sd) - len(enc_sd)
   if ignored:

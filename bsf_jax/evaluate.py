@@ -1,12 +1,19 @@
 """Evaluate a fine-tuned run on its validation split: Dice table and figure.
 
-  python -m bsf_jax.evaluate --workdir runs/s3_f0 [--step N]
+  python -m bsf_jax.evaluate --workdir runs/s3_f0 [--step N] \
+      [--convention monai|brats2023|atlas|isles22]
 
 Restores the best checkpoint (by validation mean Dice), predicts every
 validation volume with sliding-window inference, and writes
-`evaluation.md` / `evaluation.csv` (per-volume and mean Dice per class) and
-`evaluation.png` (a slice of the input with ground-truth and predicted
-overlays) into the workdir.
+`evaluation.md` / `evaluation.csv` / `evaluation.json` (per-volume and mean
+scores per region) and `evaluation.png` (a slice of the input with
+ground-truth and predicted overlays) into the workdir.
+
+`--convention` picks the scoring rules (docs/evaluation.md has the table and
+the official sources): `monai` (default) is the training validation's Dice
+(MONAI DiceMetric; ATLAS runs add the challenge's lesion metrics);
+`brats2023` the BraTS 2023+ global and lesion-wise Dice and HD95; `atlas`
+ATLAS R2.0; `isles22` ISLES'22. The table's first line names it.
 """
 
 from __future__ import annotations
@@ -22,13 +29,27 @@ import numpy as np
 from absl import app, flags
 
 from bsf_jax import checkpointing, metrics
+from bsf_jax.data import labels
 from bsf_jax.data import pipeline
+
+# What each `--convention` is, for the table's first line.
+CONVENTION_NAMES = {
+    "monai": "MONAI DiceMetric, the training validation's",
+    "brats2023": "BraTS 2023+ global and lesion-wise Dice/HD95",
+    "atlas": "ATLAS R2.0 challenge scoring",
+    "isles22": "ISLES'22 challenge scoring",
+}
 from bsf_jax.trainers import finetune, loop
 
 
 def evaluate_run(run_dir: str, config: ml_collections.ConfigDict,
-                 out_dir: str, which: str | int = "best") -> str:
+                 out_dir: str, which: str | int = "best",
+                 convention: str = "monai") -> str:
   """Evaluates `run_dir`'s checkpoint; returns the markdown table."""
+  if convention not in metrics.CONVENTIONS:
+    raise ValueError(f"--convention {convention!r}; expected one of "
+                     f"{metrics.CONVENTIONS}")
+  regions = list(labels.get(config.data.label_format).regions)
   params, meta, step = checkpointing.restore_params(
       run_dir, which, metric="val_dice_mean", mode="max")
   checkpointing.check_contract(meta.get("contract", {}),
@@ -40,9 +61,16 @@ def evaluate_run(run_dir: str, config: ml_collections.ConfigDict,
     if not bool(item.get("mask", True)):
       continue
     probs = np.asarray(predict(params, jnp.asarray(item["image"])))
-    scores = finetune.volume_metrics(probs, np.asarray(item["label"]),
-                                     config.data.label_format,
-                                     config.seg.threshold)
+    if convention == "monai":
+      scores = finetune.volume_metrics(probs, np.asarray(item["label"]),
+                                       config.data.label_format,
+                                       config.seg.threshold)
+    else:
+      spacing = np.linalg.norm(np.asarray(item["affine"])[:3, :3], axis=0)
+      scores = metrics.score_regions(
+          metrics.binarize(probs, config.seg.threshold),
+          metrics.binarize(np.asarray(item["label"])), regions, convention,
+          tuple(spacing))
     rows.append({"volume": os.path.basename(str(item["path"])), **scores})
     if figure_item is None:
       figure_item = (item, probs)
@@ -56,7 +84,8 @@ def evaluate_run(run_dir: str, config: ml_collections.ConfigDict,
     writer = csv.DictWriter(f, ["volume", *keys])
     writer.writeheader()
     writer.writerows([*rows, mean])
-  lines = [f"Validation of {run_dir} (step {step}), {len(rows)} volumes",
+  lines = [f"Validation of {run_dir} (step {step}), {len(rows)} volumes, "
+           f"scored with the {convention} convention ({CONVENTION_NAMES[convention]})",
            "", "| volume | " + " | ".join(keys) + " |",
            "|---" * (len(keys) + 1) + "|"]
   for r in [*rows, mean]:
@@ -66,7 +95,8 @@ def evaluate_run(run_dir: str, config: ml_collections.ConfigDict,
   with open(os.path.join(out_dir, "evaluation.md"), "w") as f:
     f.write(table + "\n")
   with open(os.path.join(out_dir, "evaluation.json"), "w") as f:
-    json.dump({"step": step, "mean": mean, "volumes": rows}, f, indent=2)
+    json.dump({"step": step, "convention": convention, "mean": mean,
+               "volumes": rows}, f, indent=2)
   save_figure(os.path.join(out_dir, "evaluation.png"), *figure_item,
               threshold=config.seg.threshold)
   return table
@@ -111,6 +141,8 @@ def _define_flags():
   # `bsf_jax.main`, which has its own --workdir flag.
   flags.DEFINE_string("workdir", None, "A fine-tuning run's workdir.")
   flags.DEFINE_string("step", "best", "Checkpoint: best, latest or a step.")
+  flags.DEFINE_enum("convention", "monai", list(CONVENTION_NAMES),
+                    "Scoring conventions (docs/evaluation.md).")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -126,7 +158,8 @@ def main(argv):
     # JSON data, never code: the resolved config written by the run.
     config = ml_collections.ConfigDict(json.load(f))
   _tuples(config)
-  print(evaluate_run(FLAGS.workdir, config, FLAGS.workdir, FLAGS.step))
+  print(evaluate_run(FLAGS.workdir, config, FLAGS.workdir, FLAGS.step,
+                     FLAGS.convention))
 
 
 def _tuples(config):

@@ -13,11 +13,12 @@ metrics (MONAI uses [B, K, *spatial]; only the layout differs).
   between edge voxels (via `scipy.ndimage.distance_transform_edt`), the
   percentile is linear (`torch.quantile`); empty masks give NaN/inf exactly
   as MONAI. NumPy only.
-* `atlas_metrics` reproduces the ATLAS R2.0 challenge scoring
-  (npnl/atlas2_grand_challenge `isles/scoring.py`, whose lesion F1 and lesion
-  count use `scipy.ndimage.label` with its default structure, i.e. 3D
-  6-connectivity); other connectivities are an option.
-* `brats_region_dice` / `brats_channels_to_labels` handle the overlapping
+* `atlas_metrics` / `isles22_metrics` reproduce the ATLAS R2.0 and ISLES'22
+  challenge scoring (`lesion_metrics` with 6- and 26-connectivity), and
+  `brats_lesion_wise` the BraTS 2023+ global and lesion-wise Dice and HD95
+  (`hd95_pooled`); `score_regions` applies one named convention
+  (`CONVENTIONS`) to every region. docs/evaluation.md has the sources.
+* `brats_region_dice` / `channels_to_labels` handle the overlapping
   BraTS regions TC, WT, ET (SPEC section 5).
 * `binarize` is the one probability -> mask rule of the package (validation,
   evaluation, figures, prediction): `p >= threshold`, as MONAI
@@ -199,19 +200,12 @@ def hausdorff_distance(pred, gt, include_background: bool = False,
   out = np.empty((batch, n_cls))
   for b in range(batch):
     for c in range(n_cls):
-      p_edge = _edges(pred[b, ..., c].astype(bool))
-      g_edge = _edges(gt[b, ..., c].astype(bool))
-      union = p_edge | g_edge
-      if not union.any():
+      dists = _pair_distances(pred[b, ..., c].astype(bool),
+                              gt[b, ..., c].astype(bool), spacing)
+      if dists is None:
         out[b, c] = np.nan
         continue
-      # All edge voxels lie in the union's bounding box, so nearest-edge
-      # distances computed inside it are exact; it saves a whole-volume EDT.
-      box = ndimage.find_objects(union.astype(np.int8))[0]
-      p_edge, g_edge = p_edge[box], g_edge[box]
-      dists = [_directed_distances(p_edge, g_edge, spacing)]
-      if not directed:
-        dists.append(_directed_distances(g_edge, p_edge, spacing))
+      dists = dists[:1] if directed else dists
       with np.errstate(invalid="ignore"):  # percentile of infs is NaN
         # np.max propagates NaN like MONAI's torch.max; Python's max doesn't.
         out[b, c] = np.max([np.max(d) if percentile is None
@@ -219,18 +213,66 @@ def hausdorff_distance(pred, gt, include_background: bool = False,
   return out
 
 
-def atlas_metrics(pred, gt, connectivity: int = 6) -> dict[str, float]:
-  """ATLAS R2.0 challenge metrics for one binary lesion mask.
+def _pair_distances(pred: np.ndarray, gt: np.ndarray, spacing):
+  """(pred -> gt, gt -> pred) edge-voxel distances; None if both are empty.
+
+  Computed inside the masks' bounding box grown by one voxel: edges and
+  nearest-edge distances there are exactly those of the whole volume, and
+  it saves a whole-volume erosion and EDT.
+  """
+  union = pred | gt
+  if not union.any():
+    return None
+  box = tuple(slice(max(s.start - 1, 0), s.stop + 1)
+              for s in ndimage.find_objects(union.astype(np.int8))[0])
+  p_edge, g_edge = _edges(pred[box]), _edges(gt[box])
+  return (_directed_distances(p_edge, g_edge, spacing),
+          _directed_distances(g_edge, p_edge, spacing))
+
+
+def hd95_pooled(pred, gt, spacing=None) -> float:
+  """HD95 as one 95th percentile of the distances of both directions pooled.
+
+  BrainLesion/panoptica `metrics/hausdorff_distance.py`
+  (`_compute_hausdorff_distance95`: `np.percentile(np.hstack((hd1, hd2)),
+  95)`), the surface distances of medpy: edges `mask XOR erosion(mask)`, face
+  structure, exact EDT. MONAI's `hausdorff_distance(percentile=95)` instead
+  takes the larger of the two directed percentiles.
+
+  Returns:
+    The distance (in `spacing` units); NaN if both masks are empty, inf if
+    one is.
+  """
+  pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+  dists = _pair_distances(pred, gt, spacing)
+  if dists is None:
+    return float("nan")
+  pooled = np.concatenate(dists)
+  return float("inf") if np.isinf(pooled).any() else float(np.percentile(pooled, 95))
+
+
+def _components(mask: np.ndarray, connectivity: int):
+  if connectivity not in _CONNECTIVITY_RANK:
+    raise ValueError(f"connectivity must be one of "
+                     f"{tuple(_CONNECTIVITY_RANK)}, got {connectivity}.")
+  return ndimage.label(mask, ndimage.generate_binary_structure(
+      3, _CONNECTIVITY_RANK[connectivity]))
+
+
+def lesion_metrics(pred, gt, connectivity: int = 6, empty_dice: float = 1.0,
+                   voxel_volume: float = 1.0) -> dict[str, float]:
+  """Lesion-segmentation metrics of one binary mask (ATLAS R2.0 / ISLES'22).
 
   Args:
     pred: binary prediction [H, W, D].
     gt: binary ground truth [H, W, D].
-    connectivity: 3D connected-component neighbourhood, 6 (faces; what the
-      challenge's `scipy.ndimage.label` calls use), 18 or 26.
+    connectivity: 3D connected-component neighbourhood: 6 (faces), 18 or 26.
+    empty_dice: Dice when both masks are empty.
+    voxel_volume: volume of one voxel; `volume_difference` is in its unit.
 
   Returns:
-    dict with `dice` (NaN when both masks are empty, as the challenge's 0/0),
-    `volume_difference` (|predicted - true| lesion voxels),
+    dict with `dice` (`2|P & G| / (|P| + |G|)`, `empty_dice` when both are
+    empty), `volume_difference` (`| |P| - |G| |` x voxel_volume),
     `lesion_count_difference` (|#predicted - #true components|) and
     `lesion_f1` (a true lesion overlapping the prediction is a TP, one that
     does not an FN; a predicted lesion not overlapping the truth is an FP;
@@ -239,15 +281,10 @@ def atlas_metrics(pred, gt, connectivity: int = 6) -> dict[str, float]:
   pred = np.asarray(pred).astype(bool)
   gt = np.asarray(gt).astype(bool)
   if pred.shape != gt.shape or pred.ndim != 3:
-    raise ValueError(f"atlas_metrics: expected two [H, W, D] masks, got "
+    raise ValueError(f"lesion_metrics: expected two [H, W, D] masks, got "
                      f"{pred.shape} and {gt.shape}.")
-  if connectivity not in _CONNECTIVITY_RANK:
-    raise ValueError(f"connectivity must be one of "
-                     f"{tuple(_CONNECTIVITY_RANK)}, got {connectivity}.")
-  structure = ndimage.generate_binary_structure(
-      3, _CONNECTIVITY_RANK[connectivity])
-  gt_lab, n_gt = ndimage.label(gt, structure)
-  pred_lab, n_pred = ndimage.label(pred, structure)
+  gt_lab, n_gt = _components(gt, connectivity)
+  pred_lab, n_pred = _components(pred, connectivity)
   tp = np.count_nonzero(np.unique(gt_lab[pred]))  # gt lesions hit (label > 0)
   fn = n_gt - tp
   fp = n_pred - np.count_nonzero(np.unique(pred_lab[gt]))
@@ -255,10 +292,133 @@ def atlas_metrics(pred, gt, connectivity: int = 6) -> dict[str, float]:
   n_p, n_g = int(pred.sum()), int(gt.sum())
   return {
       "dice": (2.0 * np.count_nonzero(pred & gt) / (n_p + n_g)
-               if n_p + n_g else float("nan")),
-      "volume_difference": float(abs(n_p - n_g)),
+               if n_p + n_g else float(empty_dice)),
+      "volume_difference": float(abs(n_p - n_g) * voxel_volume),
       "lesion_count_difference": float(abs(n_pred - n_gt)),
       "lesion_f1": float(tp / denom) if denom else 1.0,
+  }
+
+
+def atlas_metrics(pred, gt, connectivity: int = 6) -> dict[str, float]:
+  """ATLAS R2.0 challenge scoring of one [H, W, D] mask (`lesion_metrics`).
+
+  npnl/atlas2_grand_challenge `isles/scoring.py` at 129631c ("removed cc3d
+  requirement"): `scipy.ndimage.label` with its default structure (6-
+  connectivity), Dice 1.0 when both masks are empty, volumes in voxels.
+  """
+  return lesion_metrics(pred, gt, connectivity, empty_dice=1.0)
+
+
+def isles22_metrics(pred, gt, voxel_volume_ml: float = 1e-3) -> dict[str, float]:
+  """ISLES'22 scoring of one [H, W, D] mask (`lesion_metrics`).
+
+  ezequieldlrosa/isles22 `utils/eval_utils.py`: `cc3d` 26-connectivity for
+  the lesion F1 and count, Dice 1.0 when both masks are empty, absolute
+  volume difference in millilitres (default: 1 mm^3 voxels).
+  """
+  return lesion_metrics(pred, gt, 26, empty_dice=1.0, voxel_volume=voxel_volume_ml)
+
+
+# BraTS 2023+ lesion-wise parameters per sub-challenge: (dilation iterations,
+# lesion volume threshold in mm^3), rachitsaluja/BraTS-2023-Metrics
+# `brats_metrics.get_challenge_parameters`.
+BRATS_CHALLENGES = {"GLI": (3, 50), "SSA": (3, 50), "MEN": (1, 50),
+                    "PED": (3, 50), "MET": (1, 2)}
+# HD95 given for an empty mask, an unmatched lesion or a false positive: the
+# diagonal of the 240x240x155 1 mm BraTS grid, sqrt(240^2+240^2+155^2) = 373.1.
+BRATS_HD95_MAX = 373.0
+
+
+def _brats_dice(pred, gt) -> float:
+  n = int(pred.sum()) + int(gt.sum())
+  return 2.0 * np.count_nonzero(pred & gt) / n if n else 1.0
+
+
+def _brats_hd95(pred, gt, spacing) -> float:
+  if not pred.any() and not gt.any():
+    return 0.0
+  d = hd95_pooled(pred, gt, spacing)
+  return d if np.isfinite(d) else BRATS_HD95_MAX
+
+
+def brats_lesion_wise(pred, gt, spacing=(1.0, 1.0, 1.0), challenge: str = "GLI"
+                      ) -> dict[str, float]:
+  """BraTS 2023+ global and lesion-wise Dice and HD95 of one region mask.
+
+  Follows rachitsaluja/BraTS-2023-Metrics `brats_metrics.py`
+  (`get_lesion_wise_score`, `get_lesion_wise_results`):
+  1. True lesions are the 26-connected components of the truth, merged when
+     their dilations (`binary_dilation`, 18-neighbour structure, the
+     challenge's iterations) touch. Predicted lesions are the 26-connected
+     components of the prediction.
+  2. Each true lesion is matched to every predicted lesion that meets its
+     dilation; its Dice and HD95 are taken against their union. A true
+     lesion with no match is a false negative (Dice 0, HD95 max).
+  3. Predicted lesions matched to no true lesion are false positives, each
+     adding Dice 0 and HD95 `BRATS_HD95_MAX` to the average.
+  4. True lesions of volume <= the challenge threshold are left out.
+     lesion Dice = sum(Dice) / (#kept true lesions + #FP), likewise HD95;
+     with nothing to average, Dice 1 and HD95 0.
+  HD95 is the pooled 95th percentile of `hd95_pooled`; an empty side gives
+  `BRATS_HD95_MAX`. Global Dice is 1 when both masks are empty and 0 for a
+  prediction on an empty truth; global HD95 is 0 when both are empty.
+
+  Args:
+    pred, gt: binary [H, W, D] masks of one region (TC, WT or ET).
+    spacing: voxel size in mm (the lesion threshold is a volume).
+    challenge: a `BRATS_CHALLENGES` key.
+
+  Returns:
+    dict: dice, hd95, lesion_dice, lesion_hd95, tp, fp, fn (lesion counts;
+    tp and fn above the threshold).
+  """
+  if challenge not in BRATS_CHALLENGES:
+    raise ValueError(f"challenge must be one of {sorted(BRATS_CHALLENGES)}, "
+                     f"got {challenge!r}.")
+  pred = np.asarray(pred).astype(bool)
+  gt = np.asarray(gt).astype(bool)
+  if pred.shape != gt.shape or pred.ndim != 3:
+    raise ValueError(f"brats_lesion_wise: expected two [H, W, D] masks, got "
+                     f"{pred.shape} and {gt.shape}.")
+  dilation, min_volume = BRATS_CHALLENGES[challenge]
+  spacing = tuple(float(x) for x in np.broadcast_to(spacing, (3,)))
+  voxel_volume = float(np.prod(spacing))
+  struct = ndimage.generate_binary_structure(3, 2)
+  # True lesions: voxels of the truth, numbered by their dilated component.
+  dilated_lab, n_gt = _components(
+      ndimage.binary_dilation(gt, struct, iterations=dilation), 26)
+  gt_lab = np.where(gt, dilated_lab, 0)
+  pred_lab, _ = _components(pred, 26)
+  matched, scores = set(), []
+  boxes = ndimage.find_objects(gt_lab)
+  for k, box in enumerate(boxes, start=1):
+    if box is None:
+      continue
+    # The dilation reaches `dilation` voxels: a grown box holds all of it.
+    grown = tuple(slice(max(s.start - dilation, 0), s.stop + dilation)
+                  for s in box)
+    lesion = gt_lab[grown] == k
+    reach = ndimage.binary_dilation(lesion, struct, iterations=dilation)
+    hit = np.unique(pred_lab[grown][reach])
+    hit = hit[hit > 0]
+    matched.update(hit.tolist())
+    lesion_full = gt_lab == k
+    pred_k = np.isin(pred_lab, hit)
+    d = _brats_dice(pred_k, lesion_full)
+    h = _brats_hd95(pred_k, lesion_full, spacing)
+    scores.append((lesion.sum() * voxel_volume, len(hit) > 0, d, h))
+  n_fp = len(set(np.unique(pred_lab).tolist()) - {0} - matched)
+  kept = [(hit, d, h) for vol, hit, d, h in scores if vol > min_volume]
+  n = len(kept) + n_fp
+  return {
+      "dice": float(_brats_dice(pred, gt)),
+      "hd95": _brats_hd95(pred, gt, spacing),
+      "lesion_dice": float(sum(d for _, d, _ in kept) / n) if n else 1.0,
+      "lesion_hd95": ((sum(h for _, _, h in kept) + n_fp * BRATS_HD95_MAX) / n
+                      if n else 0.0),
+      "tp": float(sum(hit for hit, _, _ in kept)),
+      "fp": float(n_fp),
+      "fn": float(sum(not hit for hit, _, _ in kept)),
   }
 
 
@@ -307,30 +467,70 @@ def brats_region_dice(pred_channels, label_channels) -> dict[str, float]:
   return out
 
 
-def brats_channels_to_labels(probs_or_mask, et_label: int = 4,
-                             threshold: float = THRESHOLD) -> np.ndarray:
-  """Writes TC/WT/ET channels back to a BraTS label map.
-
-  0 everywhere, then 2 where WT, 1 where TC, `et_label` where ET, in that
-  order, so the nested regions end up as NCR=1, ED=2, ET=et_label.
+def channels_to_labels(probs_or_mask, convention,
+                       threshold: float = THRESHOLD) -> np.ndarray:
+  """Region channels -> uint8 label map in a label convention.
 
   Args:
-    probs_or_mask: [..., 3] channels (TC, WT, ET): bool masks, or
-      probabilities binarised with `binarize` (`>= threshold`, MONAI
-      `AsDiscrete`).
-    et_label: 4 for BraTS 2021, 3 for BraTS 2023.
+    probs_or_mask: [..., K] channels in the convention's region order (TC,
+      WT, ET for BraTS): bool masks, or probabilities binarised with
+      `binarize` (`>= threshold`, MONAI `AsDiscrete`).
+    convention: a `bsf_jax.data.labels.Convention`. BraTS writes 0, then 2
+      (edema) where WT, 1 where TC and the ET value (4 in 2021, 3 in 2023+)
+      where ET, in that order (`labels.from_channels`).
     threshold: probability threshold for non-bool input.
+  """
+  from bsf_jax.data import labels
+  return labels.from_channels(binarize(np.asarray(probs_or_mask), threshold),
+                              convention)
+
+
+# Named scoring conventions of `python -m bsf_jax.evaluate --convention`:
+# per region, metric name -> value. "monai" is the training validation's.
+CONVENTIONS = ("monai", "brats2023", "atlas", "isles22")
+
+
+def score_regions(pred, gt, regions: Sequence[str], convention: str,
+                  spacing=(1.0, 1.0, 1.0)) -> dict[str, float]:
+  """One volume's scores under a named convention, `{metric}_{region}`.
+
+  Args:
+    pred, gt: binary [H, W, D, K] masks, channel k = region k.
+    regions: the K region names (e.g. TC, WT, ET; or lesion).
+    convention: one of `CONVENTIONS`:
+      monai: Dice (`dice_per_channel`, NaN on an empty truth) and HD95
+        (`hausdorff_distance(percentile=95)`), in `spacing` units;
+      brats2023: `brats_lesion_wise` (global and lesion-wise Dice/HD95);
+      atlas: `atlas_metrics`; isles22: `isles22_metrics`.
+    spacing: voxel size in mm.
 
   Returns:
-    uint8 label map [...].
+    dict of floats, plus `dice_mean` (NaN-skipping mean of the regions' Dice;
+    for brats2023 of the lesion-wise Dice, the challenge's ranking metric).
   """
-  a = np.asarray(probs_or_mask)
-  if a.shape[-1:] != (3,):
-    raise ValueError(f"brats_channels_to_labels: expected [..., 3] channels "
-                     f"(TC, WT, ET), got shape {a.shape}.")
-  on = binarize(a, threshold)
-  labels = np.zeros(a.shape[:-1], np.uint8)
-  labels[on[..., 1]] = 2
-  labels[on[..., 0]] = 1
-  labels[on[..., 2]] = et_label
-  return labels
+  pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+  if pred.shape != gt.shape or pred.ndim != 4 or pred.shape[-1] != len(regions):
+    raise ValueError(f"score_regions: expected two [H, W, D, {len(regions)}] "
+                     f"masks ({list(regions)}), got {pred.shape} and {gt.shape}.")
+  if convention not in CONVENTIONS:
+    raise ValueError(f"convention must be one of {CONVENTIONS}, got "
+                     f"{convention!r}.")
+  out, ranked = {}, []
+  for k, region in enumerate(regions):
+    p, g = pred[..., k], gt[..., k]
+    if convention == "monai":
+      scores = {"dice": float(dice_per_channel(p[None, ..., None], g[None, ..., None])[0, 0]),
+                "hd95": float(hausdorff_distance(
+                    p[None, ..., None], g[None, ..., None], include_background=True,
+                    percentile=95, spacing=spacing)[0, 0])}
+    elif convention == "brats2023":
+      scores = brats_lesion_wise(p, g, spacing)
+    elif convention == "atlas":
+      scores = atlas_metrics(p, g)
+    else:
+      scores = isles22_metrics(p, g, float(np.prod(spacing)) / 1000.0)
+    ranked.append(scores["lesion_dice" if convention == "brats2023" else "dice"])
+    out.update({f"{m}_{region}": float(v) for m, v in scores.items()})
+  finite = [v for v in ranked if not np.isnan(v)]
+  out["dice_mean"] = float(np.mean(finite)) if finite else float("nan")
+  return out

@@ -15,9 +15,15 @@ The sigmoid threshold and the sliding-window settings (overlap, windows per
 batch, blending) are the ones the run validated with, recorded in the
 checkpoint; `--threshold`, `--overlap` and `--sw_batch_size` override them.
 
+Subject folders may use the BraTS 2018-2021 names (`_flair`, `_t1ce`, `_t1`,
+`_t2`) or the 2023+ ones (`-t2f`, `-t1c`, `-t1n`, `-t2w`): both are the same
+four scans, matched by canonical name.
+
 Predictions are written in the input's own orientation with its affine and
-header, so they overlay the input in any viewer. BraTS outputs are label maps
-0/1/2/4 (SPEC section 5 order); ATLAS outputs are binary masks.
+header, so they overlay the input in any viewer. Labels are written in the
+training data's convention, recorded in the checkpoint's contract (BraTS
+2018-2021: ET 4; 2023+: ET 3), or in `--labels`; the convention used is
+printed. ATLAS outputs are binary masks.
 """
 
 from __future__ import annotations
@@ -36,15 +42,16 @@ from absl import app, flags
 
 from bsf_jax import checkpointing, config_lib, metrics
 from bsf_jax.data import io as data_io
+from bsf_jax.data import labels as labels_lib
 from bsf_jax.data import transforms
 from bsf_jax.trainers import finetune, loop
 
 # File-name patterns of each modality in the supported layouts.
 _MODALITY_PATTERNS = {
-    "flair": (r"_flair\.nii", r"T2_FLAIR", r"FLAIR"),
-    "t1ce": (r"_t1ce\.nii",),
-    "t1": (r"_t1\.nii", r"_T1w\.nii", r"T1_brain", r"/T1\.nii"),
-    "t2": (r"_t2\.nii",),
+    "flair": (r"_flair\.nii", r"-t2f\.nii", r"T2_FLAIR", r"FLAIR"),
+    "t1ce": (r"_t1ce\.nii", r"-t1c\.nii"),
+    "t1": (r"_t1\.nii", r"-t1n\.nii", r"_T1w\.nii", r"T1_brain", r"/T1\.nii"),
+    "t2": (r"_t2\.nii", r"-t2w\.nii"),
 }
 
 
@@ -135,7 +142,8 @@ def main(argv):
     _predict(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.step,
              overrides=dict(threshold=FLAGS.threshold,
                             sw_overlap=FLAGS.overlap,
-                            sw_batch_size=FLAGS.sw_batch_size))
+                            sw_batch_size=FLAGS.sw_batch_size),
+             label_format=FLAGS.labels)
   except (InputError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -168,8 +176,30 @@ def resolve_inference_settings(meta: dict,
   return settings, source
 
 
+def output_convention(contract: dict, label_format: str | None = None):
+  """The label convention to write, and a sentence saying where it is from.
+
+  The checkpoint's (the training data's), else `label_format`, which must
+  have the same regions (a BraTS 2021 model can write 2023 labels).
+  """
+  trained = labels_lib.from_legacy_contract(contract)
+  if trained is None:
+    raise ValueError("the checkpoint's contract records no label convention "
+                     "(not a segmentation run)")
+  if not label_format:
+    return trained, f"{trained.name}, the training data's (checkpoint contract)"
+  chosen = labels_lib.get(label_format)
+  if chosen is None or list(chosen.regions) != list(trained.regions):
+    raise ValueError(
+        f"--labels {label_format}: regions "
+        f"{list(chosen.regions) if chosen else []} differ from the "
+        f"checkpoint's {list(trained.regions)} ({trained.name})")
+  return chosen, f"{chosen.name} (--labels; trained on {trained.name})"
+
+
 def _predict(checkpoint: str, inputs: str, output: str, which: str,
-             overrides: dict | None = None) -> None:
+             overrides: dict | None = None,
+             label_format: str | None = None) -> None:
   params, meta, step = checkpointing.restore_params(
       checkpoint, which, metric="val_dice_mean", mode="max")
   contract = meta.get("contract")
@@ -179,6 +209,7 @@ def _predict(checkpoint: str, inputs: str, output: str, which: str,
     raise ValueError(f"{checkpoint}: a {contract['model']['name']} checkpoint "
                      "cannot segment; use a fine-tuning (stage 3) run")
   modalities = list(contract["modalities"])
+  convention, convention_source = output_convention(contract, label_format)
   config = _config_from_contract(contract)
   settings, settings_source = resolve_inference_settings(meta,
                                                          overrides or {})
@@ -205,6 +236,12 @@ def _predict(checkpoint: str, inputs: str, output: str, which: str,
         f"{len(subjects)} subject(s)")
   print("inference: " + ", ".join(f"{k}={v}" for k, v in settings.items())
         + f" ({settings_source})")
+  print(f"labels: {_describe(convention)}, convention {convention_source}")
+  named_2023 = [f[0] for f in subjects if re.search(r"-(t2f|t1c|t1n|t2w)\.nii", f[0])]
+  if named_2023 and convention.name == "brats2021" and not label_format:
+    print(f"note: {len(named_2023)} subject(s) have BraTS 2023+ file names "
+          f"(e.g. {named_2023[0]}) but labels are written in the brats2021 "
+          "convention (ET = 4); --labels brats2023 writes ET = 3")
   start = time.time()
   for i, (files, out_path) in enumerate(zip(subjects, out_paths), 1):
     volumes = [data_io.read_volume(f) for f in files]
@@ -214,22 +251,21 @@ def _predict(checkpoint: str, inputs: str, output: str, which: str,
     image = np.stack([v.data for v in volumes], axis=-1)
     image = intensity.apply(image, intensity.fit(image))
     probs = np.asarray(predict(params, jnp.asarray(image)))
-    if contract["label_format"] == "brats":
-      labels = metrics.brats_channels_to_labels(
-          probs, et_label=contract.get("et_label", 4),
-          threshold=config.seg.threshold)
-    else:
-      labels = metrics.binarize(probs[..., 0],
-                                config.seg.threshold).astype(np.uint8)
+    labels = metrics.channels_to_labels(probs, convention,
+                                        threshold=config.seg.threshold)
     write_like(out_path, np.asarray(labels), files[0])
     elapsed = time.time() - start
     print(f"[{i}/{len(subjects)}] {out_path}  ({elapsed:.0f}s, "
           f"eta {elapsed / i * (len(subjects) - i):.0f}s)", flush=True)
 
 
+def _describe(convention) -> str:
+  return ", ".join(f"{v} {name}" for v, name in sorted(convention.values.items()))
+
+
 def _output_name(first_file: str) -> str:
   """Subject name of an output: the first modality's file name, suffix dropped."""
-  return re.sub(r"(_[a-z0-9]+)?\.nii(\.gz)?$", "", os.path.basename(first_file))
+  return re.sub(r"([_-][a-z0-9]+)?\.nii(\.gz)?$", "", os.path.basename(first_file))
 
 
 def _config_from_contract(contract: dict) -> ml_collections.ConfigDict:
@@ -261,5 +297,8 @@ if __name__ == "__main__":
                      "checkpoint's config.seg.sw_overlap).")
   flags.DEFINE_integer("sw_batch_size", None, "Windows per batch (default: "
                        "the checkpoint's config.seg.sw_batch_size).")
+  flags.DEFINE_string("labels", None, "Label convention to write, e.g. "
+                      "brats2023 (default: the training data's, from the "
+                      "checkpoint).")
   flags.mark_flags_as_required(["checkpoint", "input", "output"])
   app.run(main)

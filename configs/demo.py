@@ -38,8 +38,8 @@ def get_config(arg=None):
   small_model = dict(feature_size=12, depths=(1, 1, 1, 1),
                      num_heads=(1, 2, 2, 4))
   config.stage1 = _stage("stage1", "runlocal=True,ct_window=False")
-  config.stage2 = _stage("stage2_brats", "runlocal=True")
-  config.stage3 = _stage("stage3_brats", "runlocal=True")
+  config.stage2 = _stage("stage2", "dataset=brats2021,runlocal=True")
+  config.stage3 = _stage("stage3", "dataset=brats2021,runlocal=True")
   for stage, steps in ((config.stage1, arg.steps), (config.stage2, arg.steps),
                        (config.stage3, arg.finetune_steps)):
     stage.model.update(small_model)

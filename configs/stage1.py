@@ -15,6 +15,9 @@ def get_config(arg=None):
   config = config_lib.base_config("pretrain")
   # Tiny/Small/Big or depths like 2-2-4-2 (paper Table 1; depth ablations).
   config.model = config_lib.model_config("ssl_head", arg.size)
+  # bfloat16 compute on accelerators (params, optimizer state, norms, softmax
+  # and losses stay float32); `:runlocal` and the demo compute in float32.
+  config.model.dtype = "bfloat16"
 
   config.data.dataset = "ukb"
   # UKB: T1 + T2-FLAIR (2 channels, paper Table 3); t1 or t2 alone for the

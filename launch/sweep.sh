@@ -7,14 +7,15 @@
 #   launch/sweep.sh fewshot OUT INIT   # 5/10/20/40% x 5 repeats (Table 9)
 #   launch/sweep.sh depth   OUT        # tiny/small/big from scratch (Table 8)
 #   launch/sweep.sh t1only  OUT INIT   # T1 through all stages (Table 5; INIT = a T1-only stage 2)
-# Extra config overrides go in $OVERRIDES (e.g. --config.data.datalist=...).
+# Extra config overrides go in $OVERRIDES (e.g. --config.data.datalist=...);
+# $DATASET picks the stage-3 dataset (brats2021, default, or brats2023).
 set -euo pipefail
 PROTOCOL=${1:?protocol}; OUT=${2:?output folder}; INIT=${3:-}
 INIT_FLAG=${INIT:+--config.init_from=$INIT}
 runs=()
 run() {  # run NAME CONFIG_ARG
   local dir="$OUT/$1"
-  python -m bsf_jax.main --config="configs/stage3_brats.py:$2" --workdir="$dir" \
+  python -m bsf_jax.main --config="configs/stage3.py:dataset=${DATASET:-brats2021},$2" --workdir="$dir" \
     $INIT_FLAG ${OVERRIDES:-}
   python -m bsf_jax.evaluate --workdir="$dir"
   runs+=("$dir")

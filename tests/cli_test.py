@@ -50,7 +50,7 @@ def run(cohort, tmp_path_factory):
   """A stage-3 BraTS run, 2 steps from scratch, as main_test trains it."""
   from bsf_jax.trainers import finetune
   config = config_lib.load_file(
-      os.path.join(ROOT, "configs", "stage3_brats.py"), "runlocal=True")
+      os.path.join(ROOT, "configs", "stage3.py"), "dataset=brats2021,runlocal=True")
   config.data.datalist = cohort["datalist"]
   config.data.root = cohort["root"]
   config.data.roi = (32, 32, 32)

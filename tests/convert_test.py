@@ -87,7 +87,7 @@ def test_bsf_checkpoint_format_and_encoder_transfer(tmp_path):
   ssl_params = convert.params_from_torch(loaded, "ssl_head", ssl)
 
   # Fine-tuning start: the SSL encoder goes into a SwinUNETR with the same encoder.
-  seg = models.SwinUNETR(2, 3, feature_size=F)
+  seg = models.SwinUNETR(in_channels=2, out_channels=3, feature_size=F)
   seg_params = convert.abstract_params(seg)
   seg_params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), seg_params)
   new = convert.load_encoder_into(seg_params, loaded, seg)
@@ -96,7 +96,7 @@ def test_bsf_checkpoint_format_and_encoder_transfer(tmp_path):
   assert float(jnp.abs(new["encoder1"]["layer"]["conv1"]["kernel"]).max()) == 0.0
   # A different encoder (3 input channels) is refused by name.
   with pytest.raises(convert.ConversionError, match="patch_embed.proj.weight"):
-    convert.load_encoder_into(seg_params, loaded, models.SwinUNETR(3, 3, feature_size=F))
+    convert.load_encoder_into(seg_params, loaded, models.SwinUNETR(in_channels=3, out_channels=3, feature_size=F))
 
 
 def test_original_model_swinvit_format(tmp_path):
@@ -111,7 +111,7 @@ def test_original_model_swinvit_format(tmp_path):
   encoder = convert.build_model("encoder", **kwargs)
   params = convert.params_from_torch(sd, "encoder", encoder)
   _assert_same_state_dict(convert.params_to_torch(params, "encoder"), enc)
-  seg = models.SwinUNETR(2, 3, feature_size=F)
+  seg = models.SwinUNETR(in_channels=2, out_channels=3, feature_size=F)
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), convert.abstract_params(seg))
   new = convert.load_encoder_into(zeros, sd, seg)
   for a, b in zip(jax.tree.leaves(new["swinViT"]), jax.tree.leaves(params)):

@@ -80,7 +80,7 @@ def test_pretrain_resume_transfer_finetune_export(cohort, tmp_path, caplog):
 
   # Stage 2 (BraTS, 4 channels) from stage 1 (2 channels): mapped by name.
   s2 = str(tmp_path / "s2")
-  config = _tiny(load_config("stage2_brats", "runlocal=True"), brats, 2)
+  config = _tiny(load_config("stage2", "dataset=brats2021,runlocal=True"), brats, 2)
   config.init_from = s1
   config.train.eval_every = 0
   state = pretrain.train_and_evaluate(config, s2)
@@ -90,7 +90,7 @@ def test_pretrain_resume_transfer_finetune_export(cohort, tmp_path, caplog):
 
   # Stage 3 from stage 2, then export to MONAI and load strictly.
   s3 = str(tmp_path / "s3")
-  config = _tiny(load_config("stage3_brats", "runlocal=True"), brats, 2)
+  config = _tiny(load_config("stage3", "dataset=brats2021,runlocal=True"), brats, 2)
   config.init_from = s2
   config.train.eval_every = 0
   config.data.num_samples = 1

@@ -2,6 +2,8 @@
 
   python -m bsf_jax.bench infer [--size tiny] [--feature 48] [--roi 96]
       [--sw-batch 4] [--volume 240,240,155] [--overlap 0.5] [--mode gaussian]
+      [--impl auto|xla|cpu] [--attention ...] [--dtype bf16] [--torch-device cuda --amp]
+      [--json OUT]
 
 A random 4-channel volume goes through SwinUNETR(4 -> 3) twice in one process:
 once through `bsf_jax.inference.sliding_window_inference` (one jitted program)
@@ -22,6 +24,8 @@ import os
 import time
 
 import numpy as np
+
+from bsf_jax.bench import common
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -44,6 +48,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--shard", action="store_true",
                  help="shard windows over all jax devices (mesh axis data)")
   p.add_argument("--seed", type=int, default=0)
+  common.add_kernel_args(p)
   return p.parse_args(argv[1:])
 
 
@@ -79,7 +84,8 @@ def main(argv: list[str]) -> int:
   model = SwinUNETR(in_channels=args.in_channels,
                     out_channels=args.out_channels,
                     feature_size=args.feature, depths=depths,
-                    num_heads=NUM_HEADS)
+                    num_heads=NUM_HEADS, impl=args.impl, attention=args.attention,
+                    dtype=common.compute_dtype(args))
   params = jax.jit(model.init)(
       jax.random.key(args.seed),
       jnp.zeros((1, *roi, args.in_channels)))["params"]
@@ -90,7 +96,7 @@ def main(argv: list[str]) -> int:
   state = {k: torch.as_tensor(np.asarray(v))
            for k, v in convert.params_to_torch(params, "swin_unetr").items()}
   torch_model.load_state_dict(state, strict=True)
-  torch_model.eval()
+  torch_model.eval().to(args.torch_device)
 
   rng = np.random.default_rng(args.seed)
   x = rng.normal(size=(1, *volume, args.in_channels)).astype(np.float32)
@@ -100,8 +106,9 @@ def main(argv: list[str]) -> int:
         f"SwinUNETR({args.in_channels}->{args.out_channels}) feature "
         f"{args.feature} depths {depths}, roi {args.roi}, sw_batch "
         f"{args.sw_batch}, overlap {args.overlap}, {args.mode}, {n_win} "
-        f"windows; jax {jax.default_backend()} x{jax.device_count()}, torch "
-        f"threads {torch.get_num_threads()}", flush=True)
+        f"windows; jax {jax.default_backend()} x{jax.device_count()} impl "
+        f"{model.config.impl} {args.dtype} attention {args.attention}, torch "
+        f"{args.torch_device} threads {torch.get_num_threads()} amp {args.amp}", flush=True)
 
   mesh = None
   if args.shard:
@@ -121,17 +128,26 @@ def main(argv: list[str]) -> int:
       lambda: jax.block_until_ready(compiled(params, x_dev)), args.repeats)
   print(f"bsf_jax: compile {compile_s:.1f} s, run {jax_s:.2f} s", flush=True)
 
-  x_t = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
+  x_t = torch.from_numpy(np.moveaxis(x, -1, 1).copy()).to(args.torch_device)
 
   def torch_infer():
-    with torch.inference_mode():
-      return monai_swi(x_t, roi, args.sw_batch, torch_model,
-                       overlap=args.overlap, mode=args.mode)
+    with torch.inference_mode(), common.torch_autocast(args):
+      y = monai_swi(x_t, roi, args.sw_batch, torch_model,
+                    overlap=args.overlap, mode=args.mode)
+    common.torch_sync(args)
+    return y
 
   torch_s, y_t = _timed(torch_infer, args.repeats)
   print(f"monai:   run {torch_s:.2f} s", flush=True)
 
-  diff = np.abs(np.asarray(y_jax) - np.moveaxis(y_t.numpy(), 1, -1)).max()
+  y_ref = np.moveaxis(y_t.float().cpu().numpy(), 1, -1)
+  diff = float(np.abs(np.asarray(y_jax, np.float32) - y_ref).max())
   print(f"speed-up (monai time / bsf_jax time): {torch_s / jax_s:.2f}x; "
         f"max |logit difference| {diff:.2e}", flush=True)
+  common.write_json(args.json, dict(
+      benchmark="infer", args=vars(args), impl=model.config.impl,
+      device=str(jax.devices()[0]), windows=n_win, compile_s=compile_s, jax_s=jax_s,
+      monai_s=torch_s, speedup=torch_s / jax_s, max_logit_diff=diff,
+      peak_memory_bytes=common.jax_peak_memory_bytes(),
+      reference_peak_memory_bytes=common.torch_peak_memory_bytes(args)))
   return 0

@@ -1,7 +1,8 @@
 """SSL train-step benchmark: bsf_jax vs the PyTorch/MONAI reference.
 
   python -m bsf_jax.bench ssl --size tiny --roi 96 [--dtype bf16] [--reference]
-      [--steps N] [--batch B]
+      [--steps N] [--batch B] [--impl auto|xla|cpu] [--attention einsum|xla_dpa|cudnn]
+      [--remat none|block|dots_saveable|...] [--torch-device cuda --amp] [--json OUT]
 
 Prints, for the jitted bsf_jax step (views + one forward of both views +
 rotation/contrastive/L1 losses + backward + AdamW, as in training): compile
@@ -28,6 +29,8 @@ import statistics
 import sys
 import time
 
+from bsf_jax.bench import common
+
 _REEXEC_MARK = "BSF_BENCH_SSL_ENV"
 # XLA's own defaults: with the hand-written attention VJP, XLA:CPU's YNNPACK
 # fusions (on by default) beat `--xla_cpu_experimental_ynn_fusion_type=`
@@ -45,10 +48,9 @@ def _parse(argv):
                  "(2 views each)")
   p.add_argument("--steps", type=int, default=5, help="timed steady steps "
                  "(>= 5)")
-  p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
   p.add_argument("--feature-size", type=int, default=48)
   p.add_argument("--in-channels", type=int, default=2)
-  p.add_argument("--remat", action="store_true")
+  common.add_kernel_args(p)
   p.add_argument("--reference", action="store_true",
                  help="also time the PyTorch/MONAI reference step")
   p.add_argument("--xla-flags", default=DEFAULT_XLA_FLAGS,
@@ -111,11 +113,12 @@ class _JaxSide:
     from bsf_jax.models import SSLHead, decode_size  # pylint: disable=g-import-not-at-top
 
     self.jax = jax
-    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    dtype = common.compute_dtype(args)
     depths = decode_size(args.size)
     self.model = SSLHead(in_channels=args.in_channels,
                          feature_size=args.feature_size, depths=depths,
-                         remat=args.remat)
+                         remat=args.remat, impl=args.impl, attention=args.attention,
+                         dtype=dtype)
     cfg_optim = optim.default_config()
     cfg_optim.lr, cfg_optim.warmup_steps = 1e-4, 0
     self.cfg_optim = cfg_optim
@@ -170,8 +173,9 @@ class _TorchSide:
     from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top
 
     self.torch = torch
+    self.args = args
     self.model = TorchSSLHead(args.in_channels, args.feature_size,
-                              decode_size(args.size))
+                              decode_size(args.size)).to(args.torch_device)
     params = jax_side.jax.device_get(jax_side.state.params)
     self.model.load_state_dict(convert.params_to_torch(params, "ssl_head"),
                                strict=True)
@@ -183,20 +187,21 @@ class _TorchSide:
     self.loss = SSLLoss(args.batch)
     v1, v2, labels, targets = jax_side.views()
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(
-        np.moveaxis(np.asarray(a), -1, 1)))  # NDHWC -> NCDHW
+        np.moveaxis(np.asarray(a), -1, 1))).to(args.torch_device)  # NDHWC -> NCDHW
     self.x = torch.cat([to_t(v1), to_t(v2)])
-    self.labels = torch.from_numpy(np.array(labels)).long()
+    self.labels = torch.from_numpy(np.array(labels)).long().to(args.torch_device)
     self.targets = to_t(targets)
     self.b = args.batch
 
   def step(self):
     self.opt.zero_grad(set_to_none=True)
-    rot, con, rec = self.model(self.x)
-    total, _ = self.loss(rot, self.labels, con[:self.b], con[self.b:], rec,
-                         self.targets)
+    with common.torch_autocast(self.args):
+      rot, con, rec = self.model(self.x)
+      total, _ = self.loss(rot.float(), self.labels, con[:self.b].float(),
+                           con[self.b:].float(), rec.float(), self.targets)
     total.backward()
     self.opt.step()
-    return float(total.detach())
+    return float(total.detach())  # synchronises a CUDA device
 
 
 def main(argv: list[str]) -> int:
@@ -209,12 +214,13 @@ def main(argv: list[str]) -> int:
   print(f"# env (both sides): GLIBC_TUNABLES="
         f"{os.environ.get('GLIBC_TUNABLES', '')!r} XLA_FLAGS="
         f"{os.environ.get('XLA_FLAGS', '')!r}")
-  print(f"# devices: {jax.devices()[:1]} cpus={os.cpu_count()} "
+  print(f"# devices: {jax.devices()[:1]} impl {side_impl(args)} cpus={os.cpu_count()} "
         f"load={os.getloadavg()[0]:.2f}")
   side = _JaxSide(args)
   print(f"# model: SSLHead {args.size} feature {args.feature_size}, "
         f"{side.n_params:,} params; batch {args.batch} x 2 views at "
-        f"{args.roi}^3, dtype {args.dtype}, remat {args.remat}")
+        f"{args.roi}^3, dtype {args.dtype}, remat {args.remat}, attention "
+        f"{args.attention}")
   _, t_compile = _timed(side.compile)
   # The reference copies the initial weights, so build it before the first
   # (donating) bsf_jax step; both first steps then see the same weights+views.
@@ -256,4 +262,20 @@ def main(argv: list[str]) -> int:
     print(f"ratio jax/torch     {med / ref_med:8.3f}  (step time; < 1 = "
           "bsf_jax faster)")
   print(f"# load at end: {os.getloadavg()[0]:.2f}")
+  result = dict(
+      benchmark="ssl", args=vars(args), impl=side_impl(args), device=str(jax.devices()[0]),
+      params=side.n_params, compile_s=t_compile, first_step_s=t_first, median_step_s=med,
+      steps_s=times, flops_per_step=side.flops, matmul_peak_flops=peak,
+      mfu=achieved / peak, peak_memory_bytes=common.jax_peak_memory_bytes(),
+      loss_step0=float(m0["loss"]))
+  if ref is not None:
+    result.update(reference_median_step_s=ref_med, reference_steps_s=ref_times,
+                  reference_loss_step0=ref_loss0, ratio=med / ref_med,
+                  reference_peak_memory_bytes=common.torch_peak_memory_bytes(args))
+  common.write_json(args.json, result)
   return 0
+
+
+def side_impl(args) -> str:
+  from bsf_jax.models import resolve_impl  # pylint: disable=g-import-not-at-top
+  return resolve_impl(args.impl)

@@ -1,9 +1,11 @@
 """Scan a dataset for bad files before a long run.
 
     python -m bsf_jax.data.check --datalist JSON [--root DIR] [--workers N]
+    python -m bsf_jax.data.check --dataset brats --root DIR   # scan, no json
 
 Reads every image and label of every section of the datalist (UKB, BraTS folds
-or any MONAI-style json) and lists each problem by file: missing file,
+or any MONAI-style json), or of a directory scan in the dataset's layout
+(UKB, BraTS 2018-2021 or 2023+, ATLAS), and lists each problem by file: missing file,
 truncated/corrupt gzip, not NIfTI, not 3D, NaN/Inf voxels, empty (all-zero)
 volume, modalities of different shapes, label shape mismatch, label values
 outside the expected set. Volumes smaller than the roi are reported as notes
@@ -12,6 +14,8 @@ outside the expected set. Volumes smaller than the roi are reported as notes
 
 import argparse
 import multiprocessing
+import os
+import re
 import sys
 import time
 
@@ -20,7 +24,20 @@ import numpy as np
 from bsf_jax.data import DataError
 from bsf_jax.data import datalists
 from bsf_jax.data import io
-from bsf_jax.data import transforms as T
+from bsf_jax.data import labels as L
+
+# `--label-format` choices: a convention, "none", or "auto" (from file names).
+LABEL_FORMATS = ("auto", "none", *L.CONVENTIONS, *L.ALIASES)
+
+
+def auto_label_format(label_path: str) -> str:
+  """Convention from a label file name: BraTS 2018-2021 `_seg`, 2023+ `-seg`."""
+  name = os.path.basename(label_path)
+  if re.search(r"_seg\.nii", name):
+    return "brats2021"
+  if re.search(r"-seg\.nii", name):
+    return "brats2023"
+  return "atlas"
 
 
 def _read(path, problems):
@@ -33,14 +50,14 @@ def _read(path, problems):
   return None
 
 
-def check_record(record: dict, label_format: str = "auto", et_label: int = 4,
+def check_record(record: dict, label_format: str = "auto",
                  roi=None) -> tuple[list[str], list[str]]:
   """All problems (and notes) of one record; each message starts with a path.
 
   Args:
     record: {"image": [paths], "label": path or ""}.
-    label_format: "brats", "atlas", "none" or "auto" (from the label name).
-    et_label: BraTS enhancing-tumour label (4, or 3 for BraTS 2023).
+    label_format: a convention of `labels.CONVENTIONS`, "none", or "auto"
+      (`auto_label_format`: from the label's file name).
     roi: optional crop size; smaller volumes give a note.
 
   Returns:
@@ -60,38 +77,55 @@ def check_record(record: dict, label_format: str = "auto", et_label: int = 4,
   label = record.get("label", "")
   if label:
     if label_format == "auto":
-      label_format = "brats" if "_seg.nii" in label else "atlas"
+      label_format = auto_label_format(label)
     lab = _read(label, problems)
     if lab is not None:
       if vols and lab.data.shape != vols[0].data.shape:
         problems.append(f"{label}: label shape {lab.data.shape} differs from image "
                         f"{vols[0].path} {vols[0].data.shape}")
-      if label_format != "none":
+      conv = L.get(label_format)
+      if conv is not None:
         try:
-          T.check_label_values(lab.data, label_format, label, et_label)
+          L.check_values(lab.data, conv, label)
         except DataError as e:
           problems.append(str(e))
   return problems, notes
 
 
 def _check(args):
-  record, label_format, et_label, roi = args
-  return record, *check_record(record, label_format, et_label, roi)
+  record, label_format, roi = args
+  return record, *check_record(record, label_format, roi)
+
+
+def scan_records(dataset: str, root: str) -> list[dict]:
+  """Every record of a directory scan in `dataset`'s layout."""
+  if dataset == "ukb":
+    return datalists.ukb_scan(root, min_slices=0)
+  if dataset == "brats":
+    return datalists.brats_scan(root)
+  if dataset == "atlas":
+    return datalists.atlas_scan(root)
+  raise ValueError(f"--dataset {dataset!r}; expected ukb, brats or atlas")
 
 
 def run_check(datalist: str, root: str = "", workers: int = 0, label_format: str = "auto",
-              et_label: int = 4, roi=None, out=sys.stdout) -> int:
-  """Checks every record of `datalist`; prints problems; returns the count."""
+              roi=None, out=sys.stdout, dataset: str = "") -> int:
+  """Checks every record of `datalist` (or, without one, of a scan of `root`
+  in `dataset`'s layout); prints problems; returns the count."""
+  source = datalist or root
   try:
-    sections = datalists.json_records(datalist, root)
+    if datalist:
+      sections = datalists.json_records(datalist, root)
+      records = [r for recs in sections.values() for r in recs]
+    else:
+      records = scan_records(dataset, root)
   except DataError as e:
     print(f"PROBLEM {e}", file=out)
     return 1
-  records = [r for recs in sections.values() for r in recs]
   if not records:
-    print(f"PROBLEM {datalist}: empty datalist (no records in any section)", file=out)
+    print(f"PROBLEM {source}: empty datalist (no records found)", file=out)
     return 1
-  jobs = [(r, label_format, et_label, roi) for r in records]
+  jobs = [(r, label_format, roi) for r in records]
   n_problems = n_notes = 0
   t0 = time.time()
   pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
@@ -109,7 +143,7 @@ def run_check(datalist: str, root: str = "", workers: int = 0, label_format: str
       pool.close()
       pool.join()
   n_files = sum(len(r["image"]) + bool(r.get("label")) for r in records)
-  print(f"checked {len(records)} records ({n_files} files) from {datalist} in "
+  print(f"checked {len(records)} records ({n_files} files) from {source} in "
         f"{time.time() - t0:.1f}s: {n_problems} problems, {n_notes} notes", file=out)
   return n_problems
 
@@ -117,16 +151,22 @@ def run_check(datalist: str, root: str = "", workers: int = 0, label_format: str
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m bsf_jax.data.check",
                                    description=__doc__.split("\n")[0])
-  parser.add_argument("--datalist", required=True, help="datalist json")
-  parser.add_argument("--root", default="", help="base of relative paths (default: json folder)")
+  parser.add_argument("--datalist", default="", help="datalist json (or --dataset + --root)")
+  parser.add_argument("--root", default="", help="base of relative paths (default: json "
+                      "folder); without --datalist, the folder to scan")
+  parser.add_argument("--dataset", default="", choices=("", "ukb", "brats", "atlas"),
+                      help="layout of --root to scan when there is no --datalist")
   parser.add_argument("--workers", type=int, default=0, help="reader processes (0: in process)")
-  parser.add_argument("--label-format", default="auto", choices=("auto", "brats", "atlas", "none"))
-  parser.add_argument("--et-label", type=int, default=4, help="4 (BraTS 2021) or 3 (BraTS 2023)")
+  parser.add_argument("--label-format", default="auto", choices=LABEL_FORMATS,
+                      help="label convention; auto: BraTS 2021 for *_seg, 2023 for *-seg, "
+                      "else ATLAS")
   parser.add_argument("--roi", default="", help="e.g. 96,96,96: note volumes smaller than this")
   args = parser.parse_args(argv)
   roi = tuple(int(r) for r in args.roi.split(",")) if args.roi else None
+  if not args.datalist and not (args.dataset and args.root):
+    parser.error("give --datalist JSON, or --dataset and --root to scan a folder")
   return 1 if run_check(args.datalist, args.root, args.workers, args.label_format,
-                        args.et_label, roi) else 0
+                        roi, dataset=args.dataset) else 0
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ Sources (`config.data.dataset`):
   "validation": [...]}`, or a scan of the UKB layout with the paper's rule
   (both modalities present, >= 100 slices).
 * brats: the folds json `{"training": [{"fold": k, "image": [4], "label"}]}`,
-  fold k is validation; or a scan of `TrainingData/BraTS2021_*` with seeded
-  folds.
+  fold k is validation; or a scan with seeded folds of subject folders in
+  either layout, 2018-2021 `BraTS2021_00000/BraTS2021_00000_{flair,t1ce,t1,
+  t2,seg}.nii.gz` or 2023+ `BraTS-GLI-00000-000/BraTS-GLI-00000-000-{t2f,t1c,
+  t1n,t2w,seg}.nii.gz` (any challenge: GLI, MEN, MET, PED, SSA).
 * atlas: a BIDS scan, seeded train/held-out split.
 Few-shot subsets (`fraction`, `repeat_seed`) are drawn from the training part.
 """
@@ -34,13 +36,23 @@ MODALITIES = {
 _ALIASES = {
     "ukb": {"t1": ("t1",), "t1w": ("t1",), "t2": ("flair",), "flair": ("flair",),
             "t2_flair": ("flair",), "t2flair": ("flair",), "t1t2": ("t1", "flair")},
+    # BraTS 2023+ file names (t2f, t1c, t1n, t2w) are the same four scans.
     "brats": {"flair": ("flair",), "t1ce": ("t1ce",), "t1gd": ("t1ce",),
-              "t1": ("t1",), "t2": ("t2",), "all": MODALITIES["brats"]},
+              "t1": ("t1",), "t2": ("t2",), "t2f": ("flair",), "t1c": ("t1ce",),
+              "t1n": ("t1",), "t2w": ("t2",), "all": MODALITIES["brats"]},
     "atlas": {"t1": ("t1",), "t1w": ("t1",)},
 }
 UKB_T1 = os.path.join("T1", "T1_brain_to_MNI.nii.gz")
 UKB_FLAIR = os.path.join("T2_FLAIR", "T2_FLAIR_brain_to_MNI.nii.gz")
 ATLAS_MASK_SUFFIX = "_label-L_desc-T1lesion_mask.nii.gz"
+# File-name suffix of each BraTS modality: 2018-2021 layout, 2023+ layout.
+BRATS_SUFFIXES = {
+    "brats2021": {"flair": "_flair", "t1ce": "_t1ce", "t1": "_t1", "t2": "_t2",
+                  "seg": "_seg"},
+    "brats2023": {"flair": "-t2f", "t1ce": "-t1c", "t1": "-t1n", "t2": "-t2w",
+                  "seg": "-seg"},
+}
+_BRATS_SUFFIX = re.compile(r"(_flair|_t1ce|_t1|_t2|-t2f|-t1c|-t1n|-t2w)\.nii(\.gz)?$")
 
 
 def resolve_modalities(dataset: str, modalities) -> tuple[str, ...]:
@@ -82,9 +94,9 @@ def _pick(images, dataset, wanted, where):
   if dataset == "brats":
     # Real fold files are not always in canonical order: trust the suffix.
     for p in images:
-      m = re.search(r"_(flair|t1ce|t1|t2)\.nii(\.gz)?$", os.path.basename(p))
+      m = _BRATS_SUFFIX.search(os.path.basename(p))
       if m:
-        by_name[m.group(1)] = p
+        by_name[brats_modality(m.group(1))] = p
   return [by_name[m] for m in wanted]
 
 
@@ -142,16 +154,53 @@ def ukb_scan(root: str, min_slices: int = 100) -> list[dict]:
   return records
 
 
+def brats_modality(suffix: str) -> str:
+  """Canonical modality of a BraTS file suffix such as "_t1ce" or "-t1c"."""
+  for suffixes in BRATS_SUFFIXES.values():
+    for name, suf in suffixes.items():
+      if suf == suffix:
+        return name
+  raise KeyError(suffix)
+
+
+def brats_layout(subject_dir: str) -> str:
+  """"brats2021" or "brats2023": which file naming a subject folder uses."""
+  sid = os.path.basename(os.path.normpath(subject_dir))
+  for layout, suffixes in BRATS_SUFFIXES.items():
+    if glob.glob(os.path.join(subject_dir, f"{sid}{suffixes['flair']}.nii*")):
+      return layout
+  raise DataError(f"{subject_dir}: no {sid}_flair.nii.gz (BraTS 2018-2021) or "
+                  f"{sid}-t2f.nii.gz (BraTS 2023+) in this subject folder")
+
+
+def brats_subject(subject_dir: str) -> dict:
+  """One BraTS subject folder (either layout) -> record, canonical order."""
+  sid = os.path.basename(os.path.normpath(subject_dir))
+  suffixes = BRATS_SUFFIXES[brats_layout(subject_dir)]
+  path = lambda k: os.path.join(subject_dir, f"{sid}{suffixes[k]}.nii.gz")
+  label = path("seg")
+  return {"id": sid, "label": label if os.path.exists(label) else "",
+          "image": [path(m) for m in MODALITIES["brats"]]}
+
+
 def brats_scan(root: str, num_folds: int = 5, seed: int = 0) -> list[dict]:
-  """BraTS 2021 layout scan; subjects get seeded folds 0..num_folds-1."""
-  subjects = sorted(glob.glob(os.path.join(root, "TrainingData", "BraTS20*_*")))
+  """BraTS scan (2018-2021 or 2023+ layout); seeded folds 0..num_folds-1.
+
+  Subject folders are found at `root/`, one level below it (the challenge
+  zips unpack to `TrainingData/` or `ASNR-MICCAI-BraTS2023-GLI-Challenge-
+  TrainingData/`), or `root` itself.
+  """
+  pattern = re.compile(r"^(BraTS20\d\d_|Brats\d\d_|BraTS-[A-Z]+-)")
+  dirs = {os.path.normpath(d) for g in ("*", os.path.join("*", "*"))
+          for d in glob.glob(os.path.join(root, g))
+          if os.path.isdir(d) and pattern.match(os.path.basename(d))}
+  if not dirs and pattern.match(os.path.basename(os.path.normpath(root))):
+    dirs = {os.path.normpath(root)}
+  subjects = sorted(dirs, key=os.path.basename)
   order = np.random.default_rng(seed).permutation(len(subjects))
   records = []
   for rank, i in enumerate(order):
-    d = subjects[i]
-    sid = os.path.basename(d)
-    records.append({"id": sid, "fold": rank % num_folds, "label": os.path.join(d, f"{sid}_seg.nii.gz"),
-                    "image": [os.path.join(d, f"{sid}_{m}.nii.gz") for m in MODALITIES["brats"]]})
+    records.append({**brats_subject(subjects[i]), "fold": rank % num_folds})
   return sorted(records, key=lambda r: r["id"])
 
 

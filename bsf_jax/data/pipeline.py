@@ -30,6 +30,7 @@ import numpy as np
 from bsf_jax.data import DataError
 from bsf_jax.data import datalists
 from bsf_jax.data import io
+from bsf_jax.data import labels as L
 from bsf_jax.data import transforms as T
 
 # Records skipped under on_error="skip", per process (each Grain worker
@@ -82,10 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.split_seed = 0
   # UKB scan rule: at least this many slices (paper: 100).
   c.min_slices = 100
-  # Labels: "brats" -> TC/WT/ET, "atlas" -> binary lesion, "none" (SSL).
+  # Label convention (`labels.CONVENTIONS`): "brats2021" (ET 4; "brats" is
+  # an alias), "brats2023" (ET 3), "brats2024" (+ resection cavity 4) ->
+  # TC/WT/ET channels; "atlas" -> binary lesion; "none" (SSL).
   c.label_format = "none"
-  # Enhancing-tumour label: 4 (BraTS 2021), 3 (BraTS 2023).
-  c.et_label = 4
   # Seg-training augmentation: flips p 0.5/axis, scale 0.1, shift 0.1 (reference).
   c.augment = True
   # Seed of the fixed crops of the SSL eval pipeline.
@@ -99,8 +100,7 @@ class _Spec:
   roi: tuple
   num_samples: int
   intensity: T.Intensity
-  label_format: str
-  et_label: int
+  labels: Optional[L.Convention]
   augment: bool
   on_error: str
   cache_dir: str
@@ -111,13 +111,13 @@ class _Spec:
       raise ValueError(f"data.on_error={cfg.on_error!r}; expected 'raise' or 'skip'")
     if task not in ("ssl", "seg"):
       raise ValueError(f"task={task!r}; expected 'ssl' or 'seg'")
-    label_format = cfg.label_format if task == "seg" else "none"
-    if task == "seg" and label_format == "none":
-      raise ValueError(f"task='seg' needs data.label_format 'brats' or 'atlas' "
-                       f"(dataset={cfg.dataset})")
+    conv = L.get(cfg.label_format) if task == "seg" else None
+    if task == "seg" and conv is None:
+      raise ValueError(f"task='seg' needs a data.label_format among "
+                       f"{list(L.CONVENTIONS)} (dataset={cfg.dataset})")
     return cls(tuple(int(r) for r in cfg.roi), int(cfg.num_samples),
                T.Intensity(cfg.intensity, float(cfg.a_min), float(cfg.a_max)),
-               label_format, int(cfg.et_label), bool(cfg.augment),
+               conv, bool(cfg.augment),
                cfg.on_error, cfg.cache_dir)
 
   @property
@@ -170,14 +170,14 @@ def load_record(record: dict, spec: _Spec, full_check: bool = True) -> Loaded:
       plane = (planes[0][0], np.maximum.reduce([pl for _, pl in planes]))
   shape = vols[0].data.shape
   label = None
-  if spec.label_format != "none":
+  if spec.labels is not None:
     if not record.get("label"):
       raise DataError(f"{record['image'][0]}: record {record['id']} has no label")
     lab = io.read_volume(record["label"], cache_dir=spec.cache_dir)
     if lab.data.shape != shape:
       raise DataError(f"{lab.path}: label shape {lab.data.shape} differs from "
                       f"image {vols[0].path} {shape}")
-    T.check_label_values(lab.data, spec.label_format, lab.path, spec.et_label)
+    L.check_values(lab.data, spec.labels, lab.path)
     label = lab.data
   return Loaded([v.data for v in vols], label, vols[0].affine, plane)
 
@@ -221,7 +221,7 @@ def make_crops(loaded: Loaded, rng, spec: _Spec, augment: bool):
       img = T.rand_scale_shift(rng, img)
     out["image"].append(img)
     if lab is not None:
-      out["label"].append(T.convert_label(lab, spec.label_format, spec.et_label))
+      out["label"].append(L.to_channels(lab, spec.labels))
   return {k: np.stack(v).astype(np.float32) for k, v in out.items() if v}
 
 
@@ -342,7 +342,7 @@ class EvalTransform(grain.transforms.RandomMap):
     if self.task == "ssl":
       return {"image": np.zeros((self.spec.num_samples, *roi, c), np.float32),
               "mask": np.zeros(self.spec.num_samples, bool)}
-    k = T.label_channels(self.spec.label_format)
+    k = len(self.spec.labels.regions)
     return {"image": np.zeros((*roi, c), np.float32), "label": np.zeros((*roi, k), np.float32),
             "raw_label": np.zeros(roi, np.int16), "affine": np.eye(4), "path": "",
             "label_path": "", "mask": np.asarray(False)}
@@ -363,7 +363,7 @@ class EvalTransform(grain.transforms.RandomMap):
         return {**out, "mask": np.ones(self.spec.num_samples, bool)}
       image = np.stack(chans, axis=-1)
       return {"image": self.spec.intensity.apply(image, self.spec.intensity.fit(chans)),
-              "label": T.convert_label(label, self.spec.label_format, self.spec.et_label),
+              "label": L.to_channels(label, self.spec.labels),
               "raw_label": label.astype(np.int16), "affine": affine,
               "path": record["image"][0], "label_path": record["label"],
               "mask": np.asarray(True)}
@@ -438,6 +438,7 @@ def to_global_batch(batch: dict, sharding) -> dict:
 def input_contract(cfg) -> dict:
   """What a checkpoint expects of its inputs; stored and checked on load."""
   intensity = T.Intensity(cfg.intensity, float(cfg.a_min), float(cfg.a_max))
+  conv = L.get(cfg.label_format)
   return {
       "dataset": cfg.dataset,
       "modalities": list(datalists.resolve_modalities(cfg.dataset, cfg.modalities)),
@@ -445,8 +446,9 @@ def input_contract(cfg) -> dict:
       "layout": "HWDC (channels last)",
       "intensity": intensity.spec(),
       "roi": [int(r) for r in cfg.roi],
-      "label_format": cfg.label_format,
-      "label_channels": (["TC", "WT", "ET"] if cfg.label_format == "brats"
-                         else ["lesion"] if cfg.label_format == "atlas" else []),
-      "et_label": int(cfg.et_label),
+      "label_format": L.canonical(cfg.label_format),
+      # The convention whole (values and regions), so predictions are written
+      # as the training data had them (`labels.from_legacy_contract` reads it).
+      "labels": conv.to_contract() if conv else {},
+      "label_channels": list(conv.regions) if conv else [],
   }

@@ -2,8 +2,8 @@
 
 Deterministic transforms reproduce MONAI's results on the same arrays
 (`ScaleIntensityRange`, `NormalizeIntensity(nonzero, channel_wise)`,
-`SpatialPad`, `CropForeground(k_divisible)`, `ConvertToMultiChannelBasedOn
-BratsClasses`); tests check this against the installed `monai`. Random
+`SpatialPad`, `CropForeground(k_divisible)`; label maps to region channels,
+MONAI's `ConvertToMultiChannelBasedOnBratsClasses`, are `labels.to_channels`); tests check this against the installed `monai`. Random
 transforms take an explicit `np.random.Generator` (Grain's per-element rng from
 `random_map`), never a global one.
 
@@ -296,57 +296,6 @@ def random_crop_starts(rng: np.random.Generator, region_start, region_size,
   region_start = np.asarray(region_start)
   span = np.asarray(region_size) - np.asarray(roi)
   return region_start + rng.integers(0, span + 1, size=(num, 3))
-
-
-def brats_to_channels(label, et_label: int = 4) -> np.ndarray:
-  """BraTS labels -> float32 (..., 3) channels TC {1,ET}, WT {1,2,ET}, ET {ET}.
-
-  Same as MONAI `ConvertToMultiChannelBasedOnBratsClasses` (channel-last).
-  """
-  label = np.asarray(label)
-  et = label == et_label
-  tc = (label == 1) | et
-  wt = tc | (label == 2)
-  return np.stack([tc, wt, et], axis=-1).astype(np.float32)
-
-
-def atlas_binarise(label) -> np.ndarray:
-  """ATLAS lesion mask -> float32 (..., 1) in {0, 1} (>= 0.5 is lesion)."""
-  return (np.asarray(label) >= 0.5).astype(np.float32)[..., None]
-
-
-def label_channels(label_format: str) -> int:
-  return {"brats": 3, "atlas": 1, "none": 0}[label_format]
-
-
-def convert_label(label, label_format: str, et_label: int = 4):
-  if label_format == "brats":
-    return brats_to_channels(label, et_label)
-  if label_format == "atlas":
-    return atlas_binarise(label)
-  raise ValueError(f"label_format={label_format!r} has no label channels")
-
-
-def check_label_values(label, label_format: str, path: str, et_label: int = 4):
-  """Raises DataError if the label map has values outside the expected set."""
-  label = np.asarray(label)
-  if label_format == "brats":
-    allowed = {0, 1, 2, et_label}
-    if not np.array_equal(label, np.round(label)):
-      raise DataError(f"{path}: BraTS label map has non-integer values")
-    lo, hi = float(label.min()), float(label.max())
-    if lo < 0 or hi > 255:
-      raise DataError(f"{path}: label values outside {sorted(allowed)} "
-                      f"(range {lo:g}..{hi:g})")
-    present = {int(v) for v in np.flatnonzero(np.bincount(label.astype(np.int64).ravel()))}
-    if not present <= allowed:
-      raise DataError(f"{path}: label values {sorted(present - allowed)} outside "
-                      f"the expected set {sorted(allowed)}")
-  elif label_format == "atlas":
-    lo, hi = float(label.min()), float(label.max())
-    if lo < 0 or hi > 1:
-      raise DataError(f"{path}: lesion mask values outside [0, 1] "
-                      f"(range {lo:g}..{hi:g})")
 
 
 def rand_flip(rng: np.random.Generator, arrays, prob=0.5):

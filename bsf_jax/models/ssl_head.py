@@ -9,64 +9,47 @@ then a 1x1x1 conv back to `in_channels`. Conv module names `conv_0 .. conv_20`
 are the indices of the reference `nn.Sequential`.
 """
 
-from typing import Any, Sequence
-
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from bsf_jax.models import layers
-from bsf_jax.models.swin import SwinTransformer
+from bsf_jax.models.swin import SwinTransformerNet
+from bsf_jax.models.swin_config import SwinConfig, remat_module
 from bsf_jax.models.variants import check_input_size
-
-Dtype = Any
 
 # Index of each Conv3d in the reference "vae" nn.Sequential (4 modules per stage).
 VAE_CONV_INDICES = (0, 4, 8, 12, 16, 20)
 
 
-class SSLHead(nn.Module):
+class SSLHeadNet(nn.Module):
   """Swin encoder + SSL heads.
+
+  Build it with `bsf_jax.models.SSLHead(in_channels=..., **MONAI keywords)`.
 
   Attributes:
     in_channels: input channels (also the reconstruction's channels).
-    feature_size, depths, num_heads, window_size, patch_size, mlp_ratio, qkv_bias,
-    drop_rate, attn_drop_rate, dropout_path_rate: encoder settings as in `SwinTransformer`.
+    config: the encoder settings (`SwinConfig`); its remat also covers the
+      decoder stages.
     upsample: reconstruction decoder; only "vae" (the BSF default) is implemented.
     rotation_classes: rotation logits (4: 0/90/180/270 degrees).
     contrastive_dim: contrastive embedding size (512).
-    remat: rematerialise Swin blocks and decoder stages.
-    dtype: compute dtype; param_dtype: parameter dtype.
   """
   in_channels: int
-  feature_size: int = 48
-  depths: Sequence[int] = (2, 2, 2, 2)
-  num_heads: Sequence[int] = (3, 6, 12, 24)
-  window_size: int | Sequence[int] = 7
-  patch_size: int = 2
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
-  dropout_path_rate: float = 0.0
+  config: SwinConfig = SwinConfig()
   upsample: str = "vae"
   rotation_classes: int = 4
   contrastive_dim: int = 512
-  remat: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True):
     """x: (B, H, W, D, C) -> (rotation [B, 4], contrastive [B, 512], reconstruction [B, H, W, D, C])."""
+    cfg = self.config
     if self.upsample != "vae":
       raise ValueError(f"SSLHead upsample={self.upsample!r} is not implemented; use 'vae'")
-    check_input_size(x.shape[1:4], self.patch_size)
-    hs = SwinTransformer(
-        self.in_channels, self.feature_size, self.depths, self.num_heads, self.window_size,
-        self.patch_size, self.mlp_ratio, self.qkv_bias, self.drop_rate, self.attn_drop_rate,
-        self.dropout_path_rate, True, self.remat, self.dtype, self.param_dtype,
-        name="swinViT")(x, deterministic)
+    if not cfg.normalize:
+      raise ValueError("SSLHead reads normalised hidden states: normalize must be True")
+    check_input_size(x.shape[1:4], cfg.patch_size)
+    hs = SwinTransformerNet(self.in_channels, config=cfg, name="swinViT")(x, deterministic)
     bottleneck = hs[4]
     b, dim = bottleneck.shape[0], bottleneck.shape[-1]
     tokens = bottleneck.reshape(b, -1, dim)
@@ -76,17 +59,16 @@ class SSLHead(nn.Module):
           f"SSLHead needs at least 2 bottleneck tokens (contrastive head reads "
           f"token 1), but input {x.shape[1:4]} gives {bottleneck.shape[1:4]}: "
           "make at least one spatial dim >= 64")
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    dense = lambda n, name: nn.Dense(n, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
     rotation = dense(self.rotation_classes, "rotation_head")(tokens[:, 0])
     contrastive = dense(self.contrastive_dim, "contrastive_head")(tokens[:, 1])
 
-    stage = nn.remat(_VaeStage) if self.remat else _VaeStage
+    stage = remat_module(_VaeStage, cfg.remat)
     y = bottleneck
     widths = (dim // 2, dim // 4, dim // 8, dim // 16, dim // 16)
     for idx, width in zip(VAE_CONV_INDICES, widths):
-      y = stage(width, self.dtype, self.param_dtype, name=f"conv_{idx}")(y)
-    rec = layers.Conv3d(self.in_channels, 1, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name=f"conv_{VAE_CONV_INDICES[-1]}")(y)
+      y = stage(width, config=cfg, name=f"conv_{idx}")(y)
+    rec = layers.Conv3d(self.in_channels, 1, config=cfg, name=f"conv_{VAE_CONV_INDICES[-1]}")(y)
     return rotation, contrastive, rec
 
 
@@ -97,13 +79,14 @@ class _VaeStage(nn.Module):
   `conv_<i>` maps straight to the reference's `conv.<i>.weight/bias`.
   """
   features: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: SwinConfig = SwinConfig()
 
   @nn.compact
   def __call__(self, x):
+    cfg = self.config
     kernel = self.param("kernel", layers.torch_conv_init, (3, 3, 3, x.shape[-1], self.features),
-                        self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-    y = layers.conv3d(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+                        cfg.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
+    y = layers.conv3d(x.astype(cfg.dtype), kernel.astype(cfg.dtype), impl=cfg.impl)
+    y = y + bias.astype(cfg.dtype)
     return layers.upsample_trilinear_x2(layers.leaky_relu(layers.instance_norm(y)))

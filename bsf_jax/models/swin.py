@@ -12,16 +12,16 @@ index) is computed in NumPy at trace time from the input shape.
 
 import functools
 import itertools
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bsf_jax.models import layers
+from bsf_jax.models import attention, layers
+from bsf_jax.models.swin_config import SwinConfig, remat_module
 
-Dtype = Any
 MASK_VALUE = -100.0  # MONAI's value for cross-region pairs in shifted windows.
 
 
@@ -115,189 +115,62 @@ def compute_mask(dims, window, shift) -> jax.Array:
                    jnp.float32(MASK_VALUE), jnp.float32(0.0))
 
 
-def _attention_probs(q, k, bias, mask):
-  """softmax(q k^T + bias + mask) in fp32, cast to q's dtype: (bw, heads, n, n)."""
-  bw, n, heads, _ = q.shape
-  logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32) + bias
-  if mask is not None:
-    nw = mask.shape[0]
-    logits = logits.reshape(bw // nw, nw, heads, n, n) + mask[None, :, None]
-    logits = logits.reshape(bw, heads, n, n)
-  return jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-
-
-def _probs_times(probs, x):
-  """(b, heads, n, m) probabilities (or their gradient) @ (b, m, heads, d) -> (b, n, heads, d).
-
-  Computed heads-major, then transposed: XLA:CPU writes a (b, n, heads, d) dot
-  result 2.2x slower than a (b, heads, n, d) one (BENCHMARKS.md, session 4).
-  """
-  return jnp.einsum("bhnm,bmhd->bhnd", probs, x).transpose(0, 2, 1, 3)
-
-
-# Bytes of attention probabilities one step of the CPU forward loop holds: small
-# enough to stay in the 2 MiB per-core L2 of the CPUs we measured on.
-_CHUNK_BYTES = 1 << 20
-
-
-def _windows_per_chunk(period: int, heads: int, n: int) -> int:
-  """Largest divisor of `period` windows whose probabilities fit the chunk budget.
-
-  One window when even one does not fit, as at stage 1 (3 heads x 343^2
-  floats = 1.4 MB); a sweep of 1, 7 and 49 windows per step measured the same
-  there (BENCHMARKS.md, session 4).
-
-  period: the mask's window count (a chunk must not straddle two mask
-  repetitions), or all windows when there is no mask.
-  """
-  per_window = heads * n * n * 4
-  fits = [c for c in range(1, period + 1) if period % c == 0 and c * per_window <= _CHUNK_BYTES]
-  return max(fits, default=1)
-
-
-def _attention_by_chunks(q, k, v, bias, mask, keep_probs: bool = False):
-  """The attention forward on CPU, a few windows at a time (`lax.scan`).
-
-  The whole-array forward materialises (bw, heads, n, n) probabilities (about
-  1 GB for two 96^3 volumes at stage 1) and XLA:CPU fuses the softmax into the
-  dot, which ran 2-3x slower than this loop whose per-step probabilities stay
-  in cache. Same arithmetic, so the same numbers (BENCHMARKS.md). On GPU the
-  loop would serialise hundreds of tiny kernels, so it is CPU-only.
-
-  Returns the output, or (output, probabilities) with `keep_probs` (the
-  training forward, whose backward needs them).
-  """
-  bw, n, heads, _ = q.shape
-  period = bw if mask is None else mask.shape[0]
-  c = _windows_per_chunk(period, heads, n)
-  chunk = lambda t: t.reshape(t.shape[0] // c, c, *t.shape[1:])
-  mask_chunks = None if mask is None else chunk(mask)
-
-  def step(_, xs):
-    i, qc, kc, vc = xs
-    mc = None if mask is None else mask_chunks[i % (period // c)]
-    probs = _attention_probs(qc, kc, bias, mc)
-    out = _probs_times(probs, vc)
-    return None, ((out, probs) if keep_probs else out)
-
-  _, ys = jax.lax.scan(step, None, (jnp.arange(bw // c), chunk(q), chunk(k), chunk(v)))
-  if keep_probs:
-    return ys[0].reshape(q.shape), ys[1].reshape(bw, heads, n, n)
-  return ys.reshape(q.shape)
-
-
-def _attention_with_probs(q, k, v, bias, mask):
-  """(softmax(q k^T + bias + mask) v, the softmax) for the training forward."""
-  if jax.default_backend() == "cpu":
-    return _attention_by_chunks(q, k, v, bias, mask, keep_probs=True)
-  probs = _attention_probs(q, k, bias, mask)
-  return _probs_times(probs, v), probs
-
-
-@jax.custom_vjp
-def attention(q, k, v, bias, mask):
-  """Window attention core: softmax(q k^T + bias + mask) v, (bw, n, heads, hd).
-
-  q is already scaled. bias: (heads, n, n) fp32; mask: (nW, n, n) or None.
-  On CPU the forward runs `_attention_by_chunks`. Differentiated, the forward
-  also keeps the probabilities for the backward, which uses the
-  flash-attention identity rowsum(dP * P) = rowsum(dO * O), a reduction over
-  head_dim (16-32) instead of over n = 343 keys, and sums the bias gradient
-  over windows as a matmul. Both were the slowest ops of the Swin backward on
-  XLA:CPU (BENCHMARKS.md).
-  """
-  if jax.default_backend() == "cpu":
-    return _attention_by_chunks(q, k, v, bias, mask)
-  return _probs_times(_attention_probs(q, k, bias, mask), v)
-
-
-def _attention_fwd(q, k, v, bias, mask):
-  out, probs = _attention_with_probs(q, k, v, bias, mask)
-  return out, (q, k, v, probs, out, mask)
-
-
-def _attention_bwd(res, d_out):
-  q, k, v, probs, out, mask = res
-  heads, n = probs.shape[1], probs.shape[2]
-  d_v = jnp.einsum("bhnm,bnhd->bmhd", probs, d_out)
-  d_probs = jnp.einsum("bnhd,bmhd->bhnm", d_out, v).astype(jnp.float32)
-  # An elementwise product and a minor-axis sum (as an einsum, XLA:CPU makes
-  # it a batched dot with a 16-long contraction: 5x slower).
-  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  row = row.transpose(0, 2, 1)  # (bw, heads, n)
-  d_logits = probs.astype(jnp.float32) * (d_probs - row[..., None])
-  d_bias = layers.sum_leading(d_logits, (heads, n, n))
-  d_logits = d_logits.astype(q.dtype)
-  d_q = _probs_times(d_logits, k)
-  d_k = jnp.einsum("bhnm,bnhd->bmhd", d_logits, q)
-  d_mask = None if mask is None else jnp.zeros_like(mask)
-  return d_q, d_k, d_v, d_bias, d_mask
-
-
-attention.defvjp(_attention_fwd, _attention_bwd)
-
-
 class WindowAttention(nn.Module):
   """Window multi-head self-attention with a learned relative position bias."""
   dim: int
   num_heads: int
   window_size: tuple[int, int, int]
-  qkv_bias: bool = True
-  attn_drop: float = 0.0
-  proj_drop: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: SwinConfig = SwinConfig()
 
   @nn.compact
   def __call__(self, x, window, mask, deterministic: bool = True):
     """x: (B*nW, n, C) windows of shape `window`; mask: (nW, n, n) or None."""
+    cfg = self.config
     bw, n, c = x.shape
     heads = self.num_heads
     hd = c // heads
     rows = int(np.prod([2 * w - 1 for w in self.window_size]))
     table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
-                       (rows, heads), self.param_dtype)
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                       (rows, heads), cfg.param_dtype)
+    dense = functools.partial(nn.Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               kernel_init=nn.initializers.truncated_normal(0.02))
-    qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv")(x).reshape(bw, n, 3, heads, hd)
+    qkv = dense(3 * c, use_bias=cfg.qkv_bias, name="qkv")(x).reshape(bw, n, 3, heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = q * (hd ** -0.5)
     # MONAI slices the full window's index with [:n, :n] even when the window
     # shrank (small feature maps); slicing the full bias reproduces that.
     bias = relative_position_bias(table, self.window_size)[:, :n, :n].astype(jnp.float32)
-    if self.attn_drop == 0.0 or deterministic:
-      y = attention(q, k, v, bias, mask)
+    if cfg.attn_drop_rate == 0.0 or deterministic:
+      y = attention.window_attention(q, k, v, bias, mask, impl=cfg.impl, kernel=cfg.attention)
     else:
-      # Dropout on the probabilities: the plain autodiff path.
-      probs = _attention_probs(q, k, bias, mask)
-      probs = nn.Dropout(self.attn_drop)(probs, deterministic=deterministic)
-      y = _probs_times(probs, v)
+      dropout = nn.Dropout(cfg.attn_drop_rate)
+      y = attention.dropout_attention(q, k, v, bias, mask,
+                                      lambda p: dropout(p, deterministic=deterministic))
     y = y.reshape(bw, n, c)
     y = dense(c, name="proj")(y)
-    return nn.Dropout(self.proj_drop)(y, deterministic=deterministic)
+    return nn.Dropout(cfg.drop_rate)(y, deterministic=deterministic)
 
 
 class Mlp(nn.Module):
   """MONAI `MLPBlock` (dropout_mode="swin"): linear1 -> exact GELU -> drop -> linear2 -> drop."""
   dim: int
   hidden: int
-  drop: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: SwinConfig = SwinConfig()
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+    cfg = self.config
+    dense = functools.partial(nn.Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               kernel_init=nn.initializers.truncated_normal(0.02))
     x = nn.gelu(dense(self.hidden, name="linear1")(x), approximate=False)
-    x = nn.Dropout(self.drop)(x, deterministic=deterministic)
+    x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
     x = dense(self.dim, name="linear2")(x)
-    return nn.Dropout(self.drop)(x, deterministic=deterministic)
+    return nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
 
 
-def _norm(name, dtype, param_dtype):
-  return nn.LayerNorm(epsilon=layers.TORCH_NORM_EPS, use_fast_variance=False, dtype=dtype,
-                      param_dtype=param_dtype, name=name)
+def _norm(name, config):
+  return nn.LayerNorm(epsilon=layers.TORCH_NORM_EPS, use_fast_variance=False, dtype=config.dtype,
+                      param_dtype=config.param_dtype, name=name)
 
 
 class SwinBlock(nn.Module):
@@ -306,20 +179,16 @@ class SwinBlock(nn.Module):
   num_heads: int
   window_size: tuple[int, int, int]
   shift_size: tuple[int, int, int]
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  drop: float = 0.0
-  attn_drop: float = 0.0
   drop_path: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: SwinConfig = SwinConfig()
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
+    cfg = self.config
     b, d, h, w, c = x.shape
     window, shift = get_window_size((d, h, w), self.window_size, self.shift_size)
     shortcut = x
-    y = _norm("norm1", self.dtype, self.param_dtype)(x)
+    y = _norm("norm1", cfg)(x)
     # Zero-pad after the norm, as MONAI does; padded tokens take part in attention.
     pads = [(-n) % wn for n, wn in zip((d, h, w), window)]
     y = jnp.pad(y, ((0, 0), (0, pads[0]), (0, pads[1]), (0, pads[2]), (0, 0)))
@@ -329,8 +198,7 @@ class SwinBlock(nn.Module):
     if shifted:
       y = jnp.roll(y, shift=tuple(-s for s in shift), axis=(1, 2, 3))
       mask = compute_mask(dims, window, shift)
-    attn = WindowAttention(self.dim, self.num_heads, self.window_size, self.qkv_bias,
-                           self.attn_drop, self.drop, self.dtype, self.param_dtype, name="attn")
+    attn = WindowAttention(self.dim, self.num_heads, self.window_size, config=cfg, name="attn")
     y = attn(window_partition(y, window), window, mask, deterministic)
     y = window_reverse(y, window, (b, *dims))
     if shifted:
@@ -338,28 +206,27 @@ class SwinBlock(nn.Module):
     y = y[:, :d, :h, :w, :]
     drop_path = layers.DropPath(self.drop_path)
     x = shortcut + drop_path(y, deterministic)
-    y = _norm("norm2", self.dtype, self.param_dtype)(x)
-    y = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.param_dtype,
-            name="mlp")(y, deterministic)
+    y = _norm("norm2", cfg)(x)
+    y = Mlp(self.dim, int(self.dim * cfg.mlp_ratio), config=cfg, name="mlp")(y, deterministic)
     return x + drop_path(y, deterministic)
 
 
 class PatchMerging(nn.Module):
   """MONAI v1 `PatchMerging`: concat 8 neighbours in MONAI's order, LayerNorm(8C), Linear(8C->2C)."""
   dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: SwinConfig = SwinConfig()
 
   # (d, h, w) offsets in the order of MONAI's x0..x7.
   OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
 
   @nn.compact
   def __call__(self, x):
+    cfg = self.config
     _, d, h, w, _ = x.shape
     x = jnp.pad(x, ((0, 0), (0, d % 2), (0, h % 2), (0, w % 2), (0, 0)))
     x = jnp.concatenate([x[:, i::2, j::2, k::2, :] for i, j, k in self.OFFSETS], axis=-1)
-    x = _norm("norm", self.dtype, self.param_dtype)(x)
-    return nn.Dense(2 * self.dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+    x = _norm("norm", cfg)(x)
+    return nn.Dense(2 * self.dim, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                     kernel_init=nn.initializers.truncated_normal(0.02), name="reduction")(x)
 
 
@@ -370,77 +237,50 @@ class BasicLayer(nn.Module):
   num_heads: int
   window_size: tuple[int, int, int]
   drop_path: Sequence[float]
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  drop: float = 0.0
-  attn_drop: float = 0.0
-  remat: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: SwinConfig = SwinConfig()
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
+    cfg = self.config
     shift = tuple(i // 2 for i in self.window_size)
-    block_cls = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
+    block_cls = remat_module(SwinBlock, cfg.remat, static_argnums=(2,))
     for i in range(self.depth):
-      x = block_cls(self.dim, self.num_heads, self.window_size, (0, 0, 0) if i % 2 == 0 else shift,
-                    self.mlp_ratio, self.qkv_bias, self.drop, self.attn_drop, self.drop_path[i],
-                    self.dtype, self.param_dtype, name=f"blocks_{i}")(x, deterministic)
-    return PatchMerging(self.dim, self.dtype, self.param_dtype, name="downsample")(x)
+      x = block_cls(self.dim, self.num_heads, self.window_size,
+                    (0, 0, 0) if i % 2 == 0 else shift, self.drop_path[i], config=cfg,
+                    name=f"blocks_{i}")(x, deterministic)
+    return PatchMerging(self.dim, config=cfg, name="downsample")(x)
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformerNet(nn.Module):
   """MONAI `SwinTransformer` (3D, v1 merging). Returns the 5 hidden states.
+
+  Build it with `bsf_jax.models.SwinTransformer(in_channels=..., **MONAI keywords)`.
 
   Attributes:
     in_channels: input channels.
-    feature_size: embedding dim of stage 1 (MONAI `embed_dim`); stage i has feature_size * 2^i.
-    depths: Swin blocks per stage (4 stages).
-    num_heads: attention heads per stage.
-    window_size: attention window (int or 3 ints).
-    patch_size: patch embedding kernel/stride.
-    mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dropout_path_rate: as in MONAI.
-    normalize: apply the parameter-free LayerNorm to each hidden state (MONAI `normalize`).
-    remat: rematerialise each Swin block in the backward pass.
-    dtype: compute dtype; param_dtype: parameter dtype.
+    config: the encoder settings (`SwinConfig`).
   """
   in_channels: int
-  feature_size: int = 48
-  depths: Sequence[int] = (2, 2, 2, 2)
-  num_heads: Sequence[int] = (3, 6, 12, 24)
-  window_size: int | Sequence[int] = 7
-  patch_size: int = 2
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
-  dropout_path_rate: float = 0.0
-  normalize: bool = True
-  remat: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: SwinConfig = SwinConfig()
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True) -> list[jax.Array]:
     """x: (B, H, W, D, in_channels) -> list of 5 (B, h_i, w_i, d_i, feature_size * 2^i)."""
-    if len(self.depths) != 4 or len(self.num_heads) != 4:
-      raise ValueError(f"SwinTransformer has 4 stages: got depths={tuple(self.depths)}, "
-                       f"num_heads={tuple(self.num_heads)}")
+    cfg = self.config
     if x.ndim != 5 or x.shape[-1] != self.in_channels:
       raise ValueError(f"expected input (B, H, W, D, {self.in_channels}), got {x.shape}")
-    window = layers.as_tuple3(self.window_size)
-    proj_out = layers.layer_norm if self.normalize else (lambda t: t)
-    x = _PatchEmbed(self.feature_size, self.patch_size, self.dtype, self.param_dtype,
-                    name="patch_embed")(x)
-    x = nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
+    window = layers.as_tuple3(cfg.window_size)
+    proj_out = layers.layer_norm if cfg.normalize else (lambda t: t)
+    x = _PatchEmbed(config=cfg, name="patch_embed")(x)
+    x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
     hidden = [proj_out(x)]
     # Stochastic depth grows linearly over all blocks (MONAI `dpr`).
-    dpr = np.linspace(0.0, self.dropout_path_rate, sum(self.depths)).tolist()
+    dpr = np.linspace(0.0, cfg.dropout_path_rate, sum(cfg.depths)).tolist()
     start = 0
-    for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
-      x = BasicLayer(self.feature_size * 2 ** i, depth, heads, window, tuple(dpr[start:start + depth]),
-                     self.mlp_ratio, self.qkv_bias, self.drop_rate, self.attn_drop_rate, self.remat,
-                     self.dtype, self.param_dtype, name=f"layers{i + 1}")(x, deterministic)
+    for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
+      x = BasicLayer(cfg.feature_size * 2 ** i, depth, heads, window,
+                     tuple(dpr[start:start + depth]), config=cfg,
+                     name=f"layers{i + 1}")(x, deterministic)
       start += depth
       hidden.append(proj_out(x))
     return hidden
@@ -448,12 +288,10 @@ class SwinTransformer(nn.Module):
 
 class _PatchEmbed(nn.Module):
   """MONAI `PatchEmbed` without norm: Conv3d(kernel=stride=patch_size) named `proj`."""
-  features: int
-  patch_size: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: SwinConfig = SwinConfig()
 
   @nn.compact
   def __call__(self, x):
-    return layers.Conv3d(self.features, self.patch_size, self.patch_size, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="proj")(x)
+    cfg = self.config
+    return layers.Conv3d(cfg.feature_size, cfg.patch_size, cfg.patch_size, config=cfg,
+                         name="proj")(x)

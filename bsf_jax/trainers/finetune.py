@@ -58,7 +58,7 @@ def volume_metrics(probs: np.ndarray, label: np.ndarray, label_format: str,
   """Per-volume Dice (and ATLAS lesion metrics) from probabilities."""
   pred = metrics.binarize(probs, threshold)
   gt = metrics.binarize(label)
-  if label_format == "brats":
+  if label_format.startswith("brats"):  # any BraTS convention: TC/WT/ET
     return {f"dice_{k}": float(v) for k, v in
             metrics.brats_region_dice(pred, gt).items()}
   result = metrics.atlas_metrics(pred[..., 0], gt[..., 0])

@@ -131,8 +131,12 @@ def _write_config(config, workdir):
       f.write(config_lib.to_json(config))
 
 
-def build_model(config: ml_collections.ConfigDict) -> Any:
-  """The flax module named by `config.model` for this config's modalities."""
+def build_model(config: ml_collections.ConfigDict, devices=None) -> Any:
+  """The flax module named by `config.model` for this config's modalities.
+
+  `config.model.impl="auto"` resolves against `devices` (a run's mesh
+  devices; None: `jax.devices()`, the devices a mesh is built from).
+  """
   from bsf_jax import models  # Heavy import, deferred.
 
   cfg = config.model
@@ -141,7 +145,7 @@ def build_model(config: ml_collections.ConfigDict) -> Any:
       depths=tuple(cfg.depths), num_heads=tuple(cfg.num_heads),
       dropout_path_rate=cfg.dropout_path_rate, drop_rate=cfg.drop_rate,
       attn_drop_rate=cfg.attn_drop_rate, dtype=jnp.dtype(cfg.dtype),
-      remat=cfg.remat)
+      remat=cfg.remat, impl=cfg.impl, attention=cfg.attention, devices=devices)
   if cfg.name == "ssl_head":
     return models.SSLHead(upsample=cfg.upsample, **kwargs)
   if cfg.name == "swin_unetr":

@@ -1,0 +1,175 @@
+"""The Swin encoder's settings, shared by `SwinTransformer`, `SwinUNETR` and `SSLHead`.
+
+`SwinConfig` holds MONAI's `SwinTransformer` keyword names (feature_size,
+depths, num_heads, window_size, ...) plus three execution choices that do not
+change the numbers a model computes, only how:
+
+- `impl`: which kernels run. "xla" is the portable path (native
+  `lax.conv_general_dilated` 3D convolutions, whole-array window attention) that
+  accelerators take; "cpu" swaps in the kernels of `bsf_jax.models.cpu_kernels`
+  (im2col / slice-wise convolutions, window attention by chunks) that run
+  faster on XLA:CPU. "auto" is resolved once, by `resolve_impl`, from the
+  platform of the devices a run uses. The table is in docs/models.md.
+- `attention`: the window-attention kernel (`bsf_jax.models.attention`).
+- `remat`: what the backward pass recomputes (`remat_module`).
+
+Compute `dtype` and `param_dtype` live here too, so every module of the
+encoder and its decoders reads one frozen value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "cpu")
+ATTENTION_KERNELS = ("einsum", "xla_dpa", "cudnn")
+# "none", "block" (recompute each block from its input), or the name of a
+# `jax.checkpoint_policies` policy that says which intermediates are saved.
+REMAT_POLICIES = ("dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable", "nothing_saveable")
+REMAT_CHOICES = ("none", "block") + REMAT_POLICIES
+
+
+def resolve_impl(impl: str, devices: Sequence[jax.Device] | None = None) -> str:
+  """"auto" -> "cpu" when the run's devices are CPUs, else "xla".
+
+  Args:
+    impl: "auto", "xla" or "cpu".
+    devices: the devices the run computes on (a mesh's `devices.flat`);
+      None means `jax.devices()`, the devices a run without a mesh uses.
+
+  Returns:
+    "xla" or "cpu".
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+  if impl != "auto":
+    return impl
+  devices = list(jax.devices() if devices is None else devices)
+  platforms = sorted({d.platform for d in devices})
+  if len(platforms) != 1:
+    raise ValueError(f"impl='auto' needs devices of one platform, got {platforms}")
+  return "cpu" if platforms[0] == "cpu" else "xla"
+
+
+def normalize_remat(remat: str | bool) -> str:
+  """A remat setting as one of `REMAT_CHOICES` (booleans: older configs)."""
+  if isinstance(remat, bool):
+    return "block" if remat else "none"
+  if remat not in REMAT_CHOICES:
+    raise ValueError(f"remat={remat!r}: expected one of {REMAT_CHOICES}")
+  return remat
+
+
+def remat_module(module_cls: type[nn.Module], remat: str, **kwargs: Any) -> type[nn.Module]:
+  """`module_cls`, rematerialised as `remat` says ("none" returns it unchanged).
+
+  kwargs go to `nn.remat` (e.g. static_argnums for a `deterministic` flag).
+  """
+  if remat == "none":
+    return module_cls
+  policy = None if remat == "block" else getattr(jax.checkpoint_policies, remat)
+  return nn.remat(module_cls, policy=policy, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SwinConfig:
+  """MONAI `SwinTransformer` settings plus the execution choices (module docstring).
+
+  Attributes:
+    feature_size: embedding width of stage 1 (MONAI `embed_dim`); stage i has
+      feature_size * 2**i channels.
+    depths: Swin blocks per stage (4 stages).
+    num_heads: attention heads per stage.
+    window_size: attention window (int or 3 ints).
+    patch_size: patch-embedding kernel and stride.
+    mlp_ratio, qkv_bias: as in MONAI.
+    drop_rate, attn_drop_rate, dropout_path_rate: dropout, attention dropout
+      and stochastic depth (rng "dropout", only when deterministic=False).
+    normalize: parameter-free LayerNorm on each hidden state (MONAI `normalize`).
+    impl: "xla" or "cpu" ("auto" must be resolved with `resolve_impl` first).
+    attention: one of `ATTENTION_KERNELS`.
+    remat: one of `REMAT_CHOICES`.
+    dtype: compute dtype; param_dtype: parameter dtype.
+  """
+  feature_size: int = 48
+  depths: tuple[int, ...] = (2, 2, 2, 2)
+  num_heads: tuple[int, ...] = (3, 6, 12, 24)
+  window_size: int | tuple[int, int, int] = 7
+  patch_size: int = 2
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  dropout_path_rate: float = 0.0
+  normalize: bool = True
+  impl: str = "xla"
+  attention: str = "einsum"
+  remat: str = "none"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    # Frozen: fields are normalised through object.__setattr__ so that equal
+    # settings compare (and hash, for jit's static arguments) equal.
+    set_ = lambda k, v: object.__setattr__(self, k, v)
+    set_("depths", tuple(int(d) for d in self.depths))
+    set_("num_heads", tuple(int(h) for h in self.num_heads))
+    if not isinstance(self.window_size, int):
+      set_("window_size", tuple(int(w) for w in self.window_size))
+    set_("remat", normalize_remat(self.remat))
+    set_("dtype", jnp.dtype(self.dtype))
+    set_("param_dtype", jnp.dtype(self.param_dtype))
+    if self.impl not in ("xla", "cpu"):
+      raise ValueError(f"SwinConfig.impl={self.impl!r}: expected 'xla' or 'cpu' "
+                       "(resolve 'auto' with swin_config.resolve_impl)")
+    if self.attention not in ATTENTION_KERNELS:
+      raise ValueError(f"SwinConfig.attention={self.attention!r}: expected one of "
+                       f"{ATTENTION_KERNELS}")
+    if self.attention == "cudnn" and self.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype "
+                       f"(cuDNN's fused attention has no float32 kernel), got {self.dtype}; "
+                       "use attention='xla_dpa' or 'einsum' in float32")
+    if len(self.depths) != 4 or len(self.num_heads) != 4:
+      raise ValueError(f"the Swin encoder has 4 stages: got depths={self.depths}, "
+                       f"num_heads={self.num_heads}")
+
+
+ENCODER_FIELDS = tuple(f.name for f in dataclasses.fields(SwinConfig))
+
+
+def split_encoder_kwargs(kwargs: dict[str, Any], devices=None) -> tuple[SwinConfig, dict[str, Any]]:
+  """MONAI-style keyword arguments -> (SwinConfig, the remaining kwargs).
+
+  "auto" impl (the default) is resolved here, once, from `devices`.
+  """
+  encoder = {k: v for k, v in kwargs.items() if k in ENCODER_FIELDS}
+  rest = {k: v for k, v in kwargs.items() if k not in ENCODER_FIELDS}
+  encoder["impl"] = resolve_impl(encoder.get("impl", "auto"), devices)
+  return SwinConfig(**encoder), rest
+
+
+def constructor(module_cls: type[nn.Module], doc: str) -> Callable[..., nn.Module]:
+  """A keyword-only constructor taking MONAI's names for `module_cls`.
+
+  `SwinUNETR(in_channels=4, out_channels=3, feature_size=48, impl="xla")`
+  builds `module_cls(in_channels=4, out_channels=3, config=SwinConfig(...))`.
+  The optional `devices` keyword is what "auto" impl resolves against.
+  """
+  def build(*, devices: Sequence[jax.Device] | None = None, **kwargs: Any) -> nn.Module:
+    encoder, rest = split_encoder_kwargs(kwargs, devices)
+    return module_cls(config=encoder, **rest)
+  build.__name__ = build.__qualname__ = module_cls.__name__.removesuffix("Net")
+  build.__doc__ = doc
+  build.module_class = module_cls
+  return build
+
+
+def with_compute_dtype(model: nn.Module, dtype: Any) -> nn.Module:
+  """`model` (any module with a `SwinConfig` field `config`) computing in `dtype`."""
+  return model.clone(config=dataclasses.replace(model.config, dtype=jnp.dtype(dtype)))
