@@ -9,6 +9,7 @@ import pytest
 
 from bsf_jax.data import DataError
 from bsf_jax.data import io
+from bsf_jax.data import labels as L
 from bsf_jax.data import transforms as T
 
 monai = pytest.importorskip("monai")
@@ -88,10 +89,17 @@ def test_brats_channels_match_monai():
   rng = np.random.default_rng(1)
   label = rng.choice([0, 1, 2, 4], size=(9, 8, 7)).astype(np.float32)
   ref = mt.ConvertToMultiChannelBasedOnBratsClasses()(label[None])
-  np.testing.assert_array_equal(T.brats_to_channels(label), _cl(ref).astype(np.float32))
-  # BraTS 2023 uses 3 for the enhancing tumour.
-  np.testing.assert_array_equal(T.brats_to_channels(np.where(label == 4, 3, label), et_label=3),
-                                T.brats_to_channels(label))
+  conv = L.CONVENTIONS
+  np.testing.assert_array_equal(L.to_channels(label, conv["brats2021"]),
+                                _cl(ref).astype(np.float32))
+  # BraTS 2023 uses 3 for the enhancing tumour; 2024's resection cavity (4)
+  # is in no region.
+  label23 = np.where(label == 4, 3, label)
+  np.testing.assert_array_equal(L.to_channels(label23, conv["brats2023"]),
+                                L.to_channels(label, conv["brats2021"]))
+  np.testing.assert_array_equal(
+      L.to_channels(np.where(label == 0, 4, label23), conv["brats2024"]),
+      L.to_channels(label23, conv["brats2023"]))
 
 
 def test_flip_matches_monai_and_scale_shift_formula(volume):
@@ -111,12 +119,19 @@ def test_flip_matches_monai_and_scale_shift_formula(volume):
 
 def test_atlas_binarise_and_label_checks():
   mask = np.array([0, 0.2, 0.5, 1.0], np.float32).reshape(1, 1, 4)
-  np.testing.assert_array_equal(T.atlas_binarise(mask)[..., 0], [[[0, 0, 1, 1]]])
-  T.check_label_values(np.array([0, 1, 2, 4.0]), "brats", "seg.nii.gz")
-  with pytest.raises(DataError, match=r"seg.nii.gz.*\[3\]"):
-    T.check_label_values(np.array([0, 1, 3.0]), "brats", "seg.nii.gz")
+  conv = {name: L.get(name) for name in ("brats", "brats2023", "brats2024", "atlas")}
+  np.testing.assert_array_equal(L.to_channels(mask, conv["atlas"])[..., 0],
+                                [[[0, 0, 1, 1]]])
+  L.check_values(np.array([0, 1, 2, 4.0]), conv["brats"], "seg.nii.gz")
+  with pytest.raises(DataError, match=r"seg.nii.gz.*\[3\].*use label_format brats2023"):
+    L.check_values(np.array([0, 1, 3.0]), conv["brats"], "seg.nii.gz")
+  with pytest.raises(DataError, match=r"-seg.nii.gz.*\[4\].*brats2024"):
+    L.check_values(np.array([0, 1, 4.0]), conv["brats2023"], "x-seg.nii.gz")
+  L.check_values(np.array([0, 1, 2, 3, 4.0]), conv["brats2024"], "x-seg.nii.gz")
   with pytest.raises(DataError, match="outside"):
-    T.check_label_values(np.array([0, 2.0]), "atlas", "mask.nii.gz")
+    L.check_values(np.array([0, 2.0]), conv["atlas"], "mask.nii.gz")
+  with pytest.raises(ValueError, match="label_format='brats2019'"):
+    L.get("brats2019")
 
 
 def test_read_volume_matches_monai_load_orientation(tmp_path):

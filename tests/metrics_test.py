@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from bsf_jax import metrics
+from bsf_jax.data import labels as L
 
 torch = pytest.importorskip("torch")
 monai = pytest.importorskip("monai")
@@ -184,7 +185,8 @@ def test_atlas_connectivity_and_empty():
       "lesion_count_difference"] == 1
   assert metrics.atlas_metrics(empty, gt)["lesion_f1"] == 0.0
   m = metrics.atlas_metrics(empty, empty)
-  assert np.isnan(m["dice"]) and m["lesion_f1"] == 1.0
+  # Both empty: Dice 1.0 ("Perfect" score) in isles/scoring.py since 4957361.
+  assert m["dice"] == 1.0 and m["lesion_f1"] == 1.0
   assert m["volume_difference"] == m["lesion_count_difference"] == 0
   with pytest.raises(ValueError, match="connectivity"):
     metrics.atlas_metrics(gt, gt, connectivity=8)
@@ -192,9 +194,136 @@ def test_atlas_connectivity_and_empty():
     metrics.atlas_metrics(gt[0], gt[0])
 
 
+def test_isles22_preset_hand_built():
+  # ISLES'22 eval_utils: cc3d 26-connectivity, volumes in ml, empty Dice 1.
+  gt = np.zeros((6, 6, 6), bool)
+  gt[0, 0, 0] = gt[1, 1, 1] = True    # one lesion under 26-connectivity
+  pred = np.zeros_like(gt)
+  pred[1, 1, 1] = pred[4, 4, 4] = True
+  m = metrics.isles22_metrics(pred, gt, voxel_volume_ml=0.008)  # 2 mm voxels
+  assert m["dice"] == pytest.approx(2 * 1 / 4)
+  assert m["lesion_count_difference"] == 1.0    # 2 predicted vs 1 true
+  assert m["lesion_f1"] == pytest.approx(1 / (1 + (1 + 0) / 2))
+  assert m["volume_difference"] == 0.0
+  pred[5, 5, 5] = True
+  assert metrics.isles22_metrics(pred, gt, 0.008)["volume_difference"] == (
+      pytest.approx(0.008))
+  empty = np.zeros_like(gt)
+  assert metrics.isles22_metrics(empty, empty)["dice"] == 1.0
+  # ATLAS (6-connectivity) counts the corner-touching pair as two lesions.
+  assert metrics.atlas_metrics(pred, gt)["lesion_count_difference"] == 1.0
+
+
+# ------------------------------------------------------- BraTS 2023+ ------
+
+B21, B23 = L.CONVENTIONS["brats2021"], L.CONVENTIONS["brats2023"]
+
+
+def test_hd95_pooled_vs_monai_hand_built():
+  # pred: voxels at x=0 and x=10; gt: the voxel at x=0. pred->gt distances
+  # [0, 10], gt->pred [0]. Pooled (panoptica): percentile([0, 0, 10], 95) =
+  # 9.0; MONAI: max(percentile([0, 10], 95), 0) = 9.5.
+  pred = np.zeros((12, 3, 3), bool)
+  gt = np.zeros_like(pred)
+  pred[0, 1, 1] = pred[10, 1, 1] = gt[0, 1, 1] = True
+  assert metrics.hd95_pooled(pred, gt) == pytest.approx(9.0)
+  assert metrics.hausdorff_distance(pred[None, ..., None], gt[None, ..., None],
+                                    include_background=True, percentile=95
+                                    )[0, 0] == pytest.approx(9.5)
+  assert metrics.hd95_pooled(pred, gt, spacing=(2, 1, 1)) == pytest.approx(18.0)
+  assert np.isinf(metrics.hd95_pooled(pred, np.zeros_like(gt)))
+  assert np.isnan(metrics.hd95_pooled(gt & False, gt & False))
+
+
+def test_brats2023_empty_conventions():
+  empty = np.zeros((8, 8, 8), bool)
+  blob = empty.copy()
+  blob[2:6, 2:6, 2:6] = True
+  far = empty.copy()
+  far[0, 0, 0] = True
+  both_empty = metrics.brats_lesion_wise(empty, empty)
+  assert (both_empty["dice"], both_empty["hd95"]) == (1.0, 0.0)
+  assert (both_empty["lesion_dice"], both_empty["lesion_hd95"]) == (1.0, 0.0)
+  # Empty truth, a prediction: Dice 0, HD95 the maximum; the prediction is
+  # one false positive lesion.
+  fp = metrics.brats_lesion_wise(blob, empty)
+  assert metrics.BRATS_HD95_MAX == 373.0
+  assert (fp["dice"], fp["hd95"]) == (0.0, 373.0)
+  assert (fp["lesion_dice"], fp["lesion_hd95"], fp["fp"]) == (0.0, 373.0, 1.0)
+  # Empty prediction: the true lesion is a false negative.
+  fn = metrics.brats_lesion_wise(empty, blob)
+  assert (fn["dice"], fn["hd95"], fn["lesion_dice"], fn["lesion_hd95"]) == (
+      0.0, 373.0, 0.0, 373.0)
+  assert fn["fn"] == 1.0
+  # No overlap (beyond the dilation): lesion-wise one FN and one FP.
+  miss = metrics.brats_lesion_wise(far, blob, challenge="MET")
+  assert (miss["lesion_dice"], miss["lesion_hd95"]) == (0.0, 373.0)
+  assert (miss["tp"], miss["fp"], miss["fn"]) == (0.0, 1.0, 1.0)
+
+
+def _lesion_scene():
+  gt = np.zeros((64, 64, 64), bool)
+  pred = np.zeros_like(gt)
+  gt[5:10, 5:10, 5:10] = pred[5:10, 5:10, 5:10] = True  # A, found exactly,
+  pred[12, 7, 7] = True           # + a voxel 3 away: within GLI's dilation
+  gt[30:35, 5:10, 5:10] = True    # B1 and B2, 3 voxels apart: one lesion
+  gt[38:43, 5:10, 5:10] = True    # after GLI's dilation; missed
+  gt[50:53, 50:53, 50:53] = True  # S, 27 voxels (<= 50 mm^3), missed
+  gt[50:53, 5:8, 50:53] = pred[50:53, 5:8, 50:53] = True  # S2, small, found
+  pred[50:54, 30:34, 30:34] = True  # a false positive far from everything
+  return pred, gt
+
+
+def test_brats2023_lesion_wise_hand_built():
+  pred, gt = _lesion_scene()
+  m = metrics.brats_lesion_wise(pred, gt)  # GLI: dilation 3, > 50 mm^3
+  # Kept: A (Dice 2*125/(126+125), HD95 0: one of 197 edge distances is 3),
+  # B (FN: 0, 373); S and S2 are under the threshold; one FP (0, 373).
+  assert m["lesion_dice"] == pytest.approx((250 / 251 + 0 + 0) / 3)
+  assert m["lesion_hd95"] == pytest.approx((0 + 373 + 373) / 3)
+  assert (m["tp"], m["fn"], m["fp"]) == (1.0, 1.0, 1.0)
+  inter = 125 + 27
+  assert m["dice"] == pytest.approx(2 * inter / (pred.sum() + gt.sum()))
+  # 2 mm voxels along x: S and S2 (54 mm^3) now count; dilation is in voxels.
+  m = metrics.brats_lesion_wise(pred, gt, spacing=(2, 1, 1))
+  assert m["lesion_dice"] == pytest.approx((250 / 251 + 0 + 0 + 1 + 0) / 5)
+  assert m["lesion_hd95"] == pytest.approx((0 + 373 + 373 + 0 + 373) / 5)
+  assert (m["tp"], m["fn"], m["fp"]) == (2.0, 2.0, 1.0)
+  # BraTS-MET: dilation 1, > 2 mm^3. B1 and B2 stay apart, the voxel 3 away
+  # from A is a false positive.
+  m = metrics.brats_lesion_wise(pred, gt, challenge="MET")
+  assert m["lesion_dice"] == pytest.approx((1 + 0 + 0 + 0 + 1) / 7)
+  assert m["lesion_hd95"] == pytest.approx(373 * 5 / 7)
+  assert (m["tp"], m["fn"], m["fp"]) == (2.0, 3.0, 2.0)
+  with pytest.raises(ValueError, match="challenge"):
+    metrics.brats_lesion_wise(pred, gt, challenge="XYZ")
+
+
+def test_score_regions_conventions():
+  pred, gt = _lesion_scene()
+  p3, g3 = np.stack([pred] * 3, -1), np.stack([gt] * 3, -1)
+  regions = ("TC", "WT", "ET")
+  b = metrics.score_regions(p3, g3, regions, "brats2023")
+  assert b["lesion_dice_ET"] == metrics.brats_lesion_wise(pred, gt)["lesion_dice"]
+  assert b["dice_mean"] == pytest.approx(b["lesion_dice_TC"])
+  mo = metrics.score_regions(p3, g3, regions, "monai")
+  assert mo["dice_WT"] == pytest.approx(b["dice_WT"])
+  assert mo["hd95_TC"] == pytest.approx(metrics.hausdorff_distance(
+      pred[None, ..., None], gt[None, ..., None], include_background=True,
+      percentile=95)[0, 0])
+  a = metrics.score_regions(p3[..., :1], g3[..., :1], ("lesion",), "atlas")
+  assert a == {**{f"{k}_lesion": v for k, v in
+                  metrics.atlas_metrics(pred, gt).items()},
+               "dice_mean": a["dice_lesion"]}
+  i = metrics.score_regions(p3[..., :1], g3[..., :1], ("lesion",), "isles22")
+  assert i["lesion_f1_lesion"] == metrics.isles22_metrics(pred, gt)["lesion_f1"]
+  with pytest.raises(ValueError, match="convention"):
+    metrics.score_regions(p3, g3, regions, "brats2019")
+
+
 # --------------------------------------------------------------- BraTS ------
 
-def test_brats_channels_to_labels_hand_built():
+def test_channels_to_labels_hand_built():
   # Voxels: background, WT only, TC+WT, TC+WT+ET, ET only, p exactly 0.5.
   probs = np.array([[0.1, 0.2, 0.0],
                     [0.2, 0.9, 0.1],
@@ -203,20 +332,20 @@ def test_brats_channels_to_labels_hand_built():
                     [0.0, 0.0, 0.7],
                     [0.5, 0.5, 0.5]], np.float32)
   # p >= 0.5 is foreground (MONAI AsDiscrete): the last voxel is TC+WT+ET.
-  np.testing.assert_array_equal(metrics.brats_channels_to_labels(probs),
+  np.testing.assert_array_equal(metrics.channels_to_labels(probs, B21),
                                 [0, 2, 1, 4, 4, 4])
   np.testing.assert_array_equal(
-      metrics.brats_channels_to_labels(probs > 0.5, et_label=3),
+      metrics.channels_to_labels(probs > 0.5, B23),
       [0, 2, 1, 3, 3, 0])  # bool masks are taken as they are
   with pytest.raises(ValueError, match=r"\[\.\.\., 3\]"):
-    metrics.brats_channels_to_labels(probs[:, :2])
+    metrics.channels_to_labels(probs[:, :2], B21)
 
 
 def test_brats_round_trip():
   labels = np.random.default_rng(2).choice([0, 1, 2, 4], size=(6, 5, 4))
   channels = np.stack([np.isin(labels, (1, 4)), np.isin(labels, (1, 2, 4)),
                        labels == 4], -1)
-  np.testing.assert_array_equal(metrics.brats_channels_to_labels(channels),
+  np.testing.assert_array_equal(metrics.channels_to_labels(channels, B21),
                                 labels)
 
 
@@ -259,7 +388,7 @@ def test_one_threshold_at_exactly_half():
   gt = np.zeros((4, 4, 4, 3), np.float32)
   gt[1:3, 1:3, 1:3] = 1.0
   probs = np.where(gt > 0, 0.5, 0.4999999).astype(np.float32)
-  labels = metrics.brats_channels_to_labels(probs)
+  labels = metrics.channels_to_labels(probs, B21)
   np.testing.assert_array_equal(labels, np.where(gt[..., 0] > 0, 4, 0))
   assert metrics.brats_region_dice(probs, gt)["mean"] == 1.0
   scores = finetune.volume_metrics(probs, gt, "brats", metrics.THRESHOLD)
