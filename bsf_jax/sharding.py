@@ -6,8 +6,12 @@ The mesh has two axes, ("data", "fsdp"), built from `config.mesh`:
   `data_sharding(mesh)` puts the leading batch dim on ("data", "fsdp").
 - Parameters and optimizer state are replicated over "data" and, when the
   "fsdp" axis is larger than 1, split over "fsdp" along one dimension per array
-  (ZeRO-3 style). XLA then all-gathers weights for the forward/backward pass
-  and reduce-scatters gradients, instead of all-reducing them.
+  (ZeRO-3 style).
+- The loss runs under `jax.shard_map` over both axes (`train_step`): each
+  device computes on its own rows only, so no activation ever crosses devices.
+  The collectives are explicit: under FSDP each parameter is all-gathered over
+  "fsdp" for the forward (`gather_params`), whose transpose reduce-scatters
+  its gradient; the gradients of replicated parameters are all-reduced.
 
 "fsdp" is the inner (fastest-varying) mesh axis, so an FSDP group is a set of
 neighbouring devices, i.e. the devices of one host whenever fsdp <= local
@@ -82,6 +86,40 @@ def create_mesh(cfg: ml_collections.ConfigDict,
                      f"{math.prod(sizes)} devices, but {n} are available")
   return jax.make_mesh(tuple(sizes), DATA_AXES,
                        axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def shard_index() -> jax.Array:
+  """This device's position along the batch axes, inside `jax.shard_map`.
+
+  Rows [i * b, (i + 1) * b) of the global batch live on shard i, b the
+  per-device batch (the order of `data_sharding`).
+  """
+  return jax.lax.axis_index(DATA_AXES)
+
+
+def shard_count() -> int:
+  """Number of batch shards (devices), inside `jax.shard_map`."""
+  return jax.lax.axis_size(DATA_AXES)
+
+
+def param_specs(shardings: Any) -> Any:
+  """The PartitionSpecs of a pytree of NamedShardings (shard_map in_specs)."""
+  return jax.tree.map(lambda s: s.spec, shardings)
+
+
+def gather_params(params: Any, specs: Any) -> Any:
+  """Inside `jax.shard_map`: the full parameters from their FSDP shards.
+
+  Each leaf split over "fsdp" is all-gathered along its split dim; the
+  transpose of the gather (in the backward pass) is a reduce-scatter of its
+  gradient. Replicated leaves are returned as they are.
+  """
+  def gather(x, spec):
+    for dim, name in enumerate(spec):
+      if name == "fsdp":
+        return jax.lax.all_gather(x, "fsdp", axis=dim, tiled=True)
+    return x
+  return jax.tree.map(gather, params, specs)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,13 +1,21 @@
 """The generic, sharded training step.
 
 `make_train_step(loss_fn, ...)` returns one jitted pure function
-`step(state, batch, rng) -> (state, metrics)` for any
+`step(state, batch, rng) -> (state, metrics)` for any per-device
 `loss_fn(params, batch, rng) -> (loss, metrics)`; the SSL objective lives in
 `ssl_step.py`, the Dice objective in the fine-tuning trainer.
 
-- The batch is a global array split over ("data", "fsdp"); gradients of the
-  mean loss are reduced by XLA (all-reduce under DP, reduce-scatter under
-  FSDP). No pmap, no explicit `lax.pmean`.
+- The batch is a global array split over ("data", "fsdp"). The loss runs
+  under `jax.shard_map` (`sharded_value_and_grad`): `loss_fn` sees this device's rows
+  and the full parameters, returns this device's share (the global loss is
+  the mean of the devices' values), and everything it computes stays on the
+  device, as in PyTorch DDP. The only collectives are explicit: the pmean of
+  the loss, metrics and gradients, and under FSDP the parameter all-gathers
+  (`sharding.gather_params`) whose transpose reduce-scatters the gradients.
+  A `loss_fn` may add its own (the SSL loss gathers contrastive embeddings
+  for global negatives).
+- `rng` is the same on every device: a `loss_fn` derives per-device or
+  per-sample keys from it with `sharding.shard_index()`.
 - The state is donated: its buffers are reused for the new state, so a step
   needs one copy of params and optimizer state, not two.
 - Metrics are returned as replicated device scalars; the trainer fetches them
@@ -29,7 +37,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from bsf_jax import optim, sharding
 from bsf_jax.train_state import TrainState
@@ -39,8 +47,56 @@ LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 _NONFINITE_MODES = ("skip", "halt")
 
 
+def sharded_value_and_grad(loss_fn: LossFn, mesh: Mesh,
+                           param_specs: Any) -> Callable[..., Any]:
+  """`((loss, metrics), grads)` of the global loss, from a per-device loss.
+
+  Under `jax.shard_map`, each device differentiates its own share on its own
+  rows, then the gradients are averaged explicitly: a pmean over all devices
+  for replicated parameters; for FSDP-split ones the transpose of their
+  all-gather (`sharding.gather_params`) already reduce-scattered them over
+  "fsdp", and a psum over "data" completes the sum. XLA never sees a
+  gradient it could reduce in another shape (the per-window expansion of a
+  relative-position bias, say): what is reduced is the gradient of each
+  parameter array.
+
+  Args:
+    loss_fn: per-device loss, see the module docstring.
+    mesh: mesh from `sharding.create_mesh`.
+    param_specs: PartitionSpecs of the params (`sharding.param_specs`).
+
+  Returns:
+    `f(params, batch, rng) -> ((loss, metrics), grads)` of global arrays:
+    loss and metrics are the means over devices (replicated), grads have the
+    params' shardings.
+  """
+  axes = sharding.DATA_AXES
+
+  def body(params, batch, rng):
+    def local(p):
+      return loss_fn(sharding.gather_params(p, param_specs), batch, rng)
+
+    (loss, metrics), grads = jax.value_and_grad(local, has_aux=True)(params)
+    n = sharding.shard_count()
+
+    def reduce(g, spec):
+      if "fsdp" in tuple(spec):  # already summed over "fsdp"
+        return jax.lax.psum(g, "data") / n
+      return jax.lax.pmean(g, axes)
+
+    grads = jax.tree.map(reduce, grads, param_specs)
+    return jax.lax.pmean((loss, metrics), axes), grads
+
+  # check_vma=False: the reductions above are explicit, and the models'
+  # custom VJPs return device-varying cotangents for parameter-derived inputs.
+  return jax.shard_map(body, mesh=mesh,
+                       in_specs=(param_specs, P(axes), P()),
+                       out_specs=((P(), P()), param_specs), check_vma=False)
+
+
 def train_step(state: TrainState, batch: Any, rng: jax.Array, *,
-               loss_fn: LossFn, optimizer: optax.GradientTransformation,
+               grad_fn: Callable[..., Any],
+               optimizer: optax.GradientTransformation,
                nonfinite: str = "skip") -> tuple[TrainState, dict[str, Any]]:
   """One optimizer step (pure; jit it with `make_train_step`).
 
@@ -49,7 +105,8 @@ def train_step(state: TrainState, batch: Any, rng: jax.Array, *,
     batch: pytree of arrays with a leading global batch dim.
     rng: base PRNG key, the same every step; the step's key is
       `fold_in(rng, state.step)`.
-    loss_fn: (params, batch, rng) -> (scalar loss, dict of scalar metrics).
+    grad_fn: (params, batch, rng) -> ((scalar loss, dict of scalar
+      metrics), grads) of the global loss, from `sharded_value_and_grad`.
     optimizer: the optax transformation the state was created with.
     nonfinite: "skip" or "halt", see the module docstring.
 
@@ -58,8 +115,7 @@ def train_step(state: TrainState, batch: Any, rng: jax.Array, *,
     param_norm (after the step), lr (applied this step) and nonfinite (0/1).
   """
   key = jax.random.fold_in(rng, state.step)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, batch, key)
+  (loss, aux), grads = grad_fn(state.params, batch, key)
   grad_norm = optax.tree.norm(grads)
   updates, new_opt_state = optimizer.update(grads, state.opt_state,
                                             state.params)
@@ -92,8 +148,8 @@ def make_train_step(loss_fn: LossFn,
   """Jits `train_step` with NamedShardings in/out and the state donated.
 
   Args:
-    loss_fn: (params, batch, rng) -> (loss, metrics); the mean over the
-      global batch.
+    loss_fn: per-device (params, batch, rng) -> (loss, metrics), see the
+      module docstring.
     optimizer: the optax transformation the state was created with.
     mesh: mesh from `sharding.create_mesh`.
     state_sharding: from `train_state.create_train_state`.
@@ -109,9 +165,12 @@ def make_train_step(loss_fn: LossFn,
     raise ValueError(f"nonfinite={nonfinite!r}; expected one of "
                      f"{_NONFINITE_MODES}")
 
+  grad_fn = sharded_value_and_grad(
+      loss_fn, mesh, sharding.param_specs(state_sharding.params))
+
   def step(state, batch, rng):
-    return train_step(state, batch, rng, loss_fn=loss_fn, optimizer=optimizer,
-                      nonfinite=nonfinite)
+    return train_step(state, batch, rng, grad_fn=grad_fn,
+                      optimizer=optimizer, nonfinite=nonfinite)
 
   repl = sharding.replicated(mesh)
   return jax.jit(step,

@@ -35,8 +35,15 @@ def tiny_loss_fn(model):
   """MSE loss of TinyNet against batch['y'], with dropout keyed by rng."""
 
   def loss_fn(params, batch, rng):
-    pred = model.apply({"params": params}, batch["x"], deterministic=False,
-                       rngs={"dropout": rng})
+    # Runs per device (train_step.sharded_loss). Row r of the global batch
+    # draws its dropout from fold_in(rng, r), so the masks, hence the
+    # results, do not depend on the device count.
+    b = batch["x"].shape[0]
+    rows = sharding.shard_index() * b + jnp.arange(b)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, rows)
+    pred = jax.vmap(lambda x, k: model.apply(
+        {"params": params}, x[None], deterministic=False,
+        rngs={"dropout": k})[0])(batch["x"], keys)
     loss = jnp.mean((pred - batch["y"]) ** 2)
     return loss, {"pred_mean": pred.mean()}
 

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-_BENCHMARKS = ("data", "ssl", "infer")
+_BENCHMARKS = ("data", "ssl", "infer", "scale")
 
 
 def main(argv: list[str]) -> int:

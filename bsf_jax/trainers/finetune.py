@@ -21,14 +21,21 @@ from bsf_jax.trainers import loop
 
 
 def make_loss_fn(model, seg: ml_collections.ConfigDict):
-  """Sigmoid Dice (or Dice + BCE) on channels-last logits and labels."""
+  """Per-device sigmoid Dice (or Dice + BCE) on channels-last logits and labels.
+
+  MONAI's DiceLoss (batch=False) averages per-sample Dice terms, so the mean
+  over devices of their means is the loss of the global batch.
+  """
   loss = losses.dice_ce_loss if seg.loss == "dice_ce" else losses.dice_loss
   if seg.loss not in ("dice", "dice_ce"):
     raise ValueError(f"config.seg.loss={seg.loss!r}: expected dice or dice_ce")
 
   def loss_fn(params, batch, rng):
+    # Per device (train_step.sharded_value_and_grad): each device draws its
+    # own dropout masks, as each GPU of a DDP run does.
+    key = jax.random.fold_in(rng, sharding.shard_index())
     logits = model.apply({"params": params}, batch["image"],
-                         deterministic=False, rngs={"dropout": rng})
+                         deterministic=False, rngs={"dropout": key})
     value = loss(logits, batch["label"], sigmoid=True,
                  squared_pred=seg.squared_pred, smooth_nr=seg.smooth_nr,
                  smooth_dr=seg.smooth_dr)

@@ -26,8 +26,9 @@ _EVAL_SEED = 20240101
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   mesh = sharding.create_mesh(config.mesh)
   model = loop.build_model(config)
-  loss_fn = ssl_step.make_loss_fn(model, config.ssl, jnp.dtype(config.model.dtype))
-  eval_step = ssl_step.make_eval_step(model, config.ssl, mesh)
+  dtype = jnp.dtype(config.model.dtype)
+  loss_fn = ssl_step.make_loss_fn(model, config.ssl, dtype)
+  eval_step = ssl_step.make_eval_step(model, config.ssl, mesh, dtype)
   data_sharding = sharding.data_sharding(mesh)
   eval_key = jax.random.key(_EVAL_SEED)
 

@@ -1,0 +1,270 @@
+"""Compile-only scale check: what one train step moves and holds per device.
+
+  python -m bsf_jax.bench scale [--devices 64] [--sizes tiny,small,big]
+      [--meshes dp,fsdp] [--fsdp 8] [--dtypes fp32,bf16] [--remat none,block]
+      [--stages 1,3] [--json OUT]
+
+Runs on N fake CPU devices (`--xla_force_host_platform_device_count`, set
+before jax starts; the bench re-executes itself when jax already runs with
+another count). For each case it builds the real train step of
+configs/stage1.py (SSL, 96^3 crops, 4 crops per device as 256 crops on 64
+GPUs) or configs/stage3.py (BraTS Dice fine-tuning, 128^3 crops, 1 per
+device), with the accelerator kernels (`impl="xla"`), compiles it for the
+("data", "fsdp") mesh without running it, and reads the compiled program:
+
+- collective bytes per device by kind, summed over the collectives' result
+  shapes (what each device receives), and their ratio to the parameter bytes;
+- the largest single collective array (an activation-sized one means the
+  batch leaks across devices);
+- XLA's argument, output and temp memory per device (XLA:CPU's buffer
+  assignment: the same program as on GPU up to the backend's fusion choices).
+
+Then, from a per-core data throughput (`bench data`, crops/s per worker
+core, gzip and warm `.npy` cache), the host cores needed to feed 8 GPUs at a
+stated step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                "collective-permute")
+_OP = re.compile(r"\s(" + "|".join(_COLLECTIVES) + r")(-start)?\(")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+                "f64": 8, "c64": 8, "c128": 16}
+# Measured by `bench data` (BENCHMARKS.md, data pipeline table, row
+# "current"): 2 worker processes gave 2.15 crops/s from gzip and 8.15 crops/s
+# from a warm `.npy` cache; per core, half of that.
+_CROPS_PER_CORE = {"gzip": 2.15 / 2, "npy cache": 8.15 / 2}
+
+
+def collectives(hlo_text: str) -> list[tuple[str, list[int]]]:
+  """(kind, [bytes of each result array]) of every collective in an HLO text.
+
+  Async pairs count once, at their `-start` (whose tuple holds the operands
+  first, then the results: only the results count). A collective inside a
+  loop body counts once, not once per trip.
+  """
+  out = []
+  for line in hlo_text.splitlines():
+    m = _OP.search(line)
+    if m is None or "=" not in line[:m.start()]:
+      continue
+    result_type = line[line.index("=") + 1:m.start()]
+    sizes = [_DTYPE_BYTES.get(dt, 4) * math.prod(
+        int(d) for d in dims.split(",") if d)
+             for dt, dims in _ARRAY.findall(result_type)]
+    if m.group(2) and m.group(1) != "all-reduce" and len(sizes) > 1:
+      sizes = sizes[len(sizes) // 2:]
+    out.append((m.group(1), sizes))
+  return out
+
+
+def analyse(compiled, param_bytes: int) -> dict:
+  """Collective bytes by kind, their ratio to `param_bytes`, and memory."""
+  by_kind: dict[str, int] = {}
+  largest = 0
+  for kind, sizes in collectives(compiled.as_text()):
+    by_kind[kind] = by_kind.get(kind, 0) + sum(sizes)
+    largest = max([largest] + sizes)
+  total = sum(by_kind.values())
+  report = dict(collective_bytes=by_kind, total_collective_bytes=total,
+                ratio_to_params=total / param_bytes,
+                largest_collective_bytes=largest, param_bytes=param_bytes)
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    report.update(argument_bytes=int(memory.argument_size_in_bytes),
+                  output_bytes=int(memory.output_size_in_bytes),
+                  temp_bytes=int(memory.temp_size_in_bytes),
+                  alias_bytes=int(memory.alias_size_in_bytes))
+  return report
+
+
+def param_bytes(params) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(params))
+
+
+def largest_param_bytes(params) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return max(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(params))
+
+
+def _configs_dir() -> str:
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), "configs")
+
+
+def case_config(stage: int, size: str, n_devices: int, fsdp: int, dtype: str,
+                remat: str):
+  """The stage config of one case, sized for `n_devices` devices."""
+  from bsf_jax import config_lib  # pylint: disable=g-import-not-at-top
+  name = "stage1.py" if stage == 1 else "stage3.py"
+  config = config_lib.load_file(os.path.join(_configs_dir(), name),
+                                f"size={size}")
+  # Stage 1: 256 crops on 64 GPUs, 4 per device; stage 3: 1 crop per device.
+  config.data.batch_size = (4 if stage == 1 else 1) * n_devices
+  config.model.dtype = dtype
+  config.model.remat = remat
+  config.model.impl = "xla"
+  config.mesh.fsdp = fsdp
+  config.mesh.data = -1
+  return config
+
+
+def compile_step(config, mesh):
+  """(compiled train step, abstract state) of `config` on `mesh`, run-free."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from bsf_jax import optim, sharding, ssl_step  # pylint: disable=g-import-not-at-top
+  from bsf_jax import train_state, train_step  # pylint: disable=g-import-not-at-top
+  from bsf_jax.trainers import finetune, loop  # pylint: disable=g-import-not-at-top
+
+  model = loop.build_model(config, devices=list(mesh.devices.flat))
+  if config.trainer == "pretrain":
+    loss_fn = ssl_step.make_loss_fn(model, config.ssl,
+                                    jnp.dtype(config.model.dtype))
+  else:
+    loss_fn = finetune.make_loss_fn(model, config.seg)
+  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+  channels = loop.model_in_channels(config)
+  roi = tuple(config.data.roi)
+  abstract, state_sh = train_state.abstract_train_state(
+      model, tx, (1, *roi, channels), mesh, fsdp=config.mesh.fsdp != 1)
+  data_sh = sharding.data_sharding(mesh)
+  b = config.data.batch_size
+  batch = {"image": jax.ShapeDtypeStruct((b, *roi, channels), jnp.float32,
+                                         sharding=data_sh)}
+  if config.trainer != "pretrain":
+    batch["label"] = jax.ShapeDtypeStruct(
+        (b, *roi, config.model.out_channels), jnp.float32, sharding=data_sh)
+  step = train_step.make_train_step(loss_fn, tx, mesh, state_sh,
+                                    nonfinite=config.train.nonfinite)
+  compiled = step.lower(abstract, batch, jax.random.key(0)).compile()
+  return compiled, abstract
+
+
+def feed_cores(crops_per_step_per_gpu: int, step_time_s: float,
+               gpus: int = 8) -> dict[str, int]:
+  """Data-loader cores one host needs to feed `gpus` GPUs, per input path."""
+  need = gpus * crops_per_step_per_gpu / step_time_s
+  return {path: math.ceil(need / rate) for path, rate in
+          _CROPS_PER_CORE.items()}
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(prog=argv[0], description=__doc__.split("\n")[0])
+  p.add_argument("--devices", type=int, default=64)
+  p.add_argument("--sizes", default="tiny,small,big")
+  p.add_argument("--meshes", default="dp,fsdp", help="dp and/or fsdp")
+  p.add_argument("--fsdp", type=int, default=8, help="fsdp axis size")
+  p.add_argument("--dtypes", default="fp32,bf16")
+  p.add_argument("--remat", default="none,block",
+                 help="config.model.remat values")
+  p.add_argument("--stages", default="1,3")
+  p.add_argument("--step-times", default="0.5,1,2",
+                 help="assumed step times (s) for the data-feed estimate")
+  p.add_argument("--json", default="", help="also write the rows here")
+  return p.parse_args(argv[1:])
+
+
+def _reexec_with_devices(n: int, argv: list[str]) -> int | None:
+  """Re-runs this bench with n fake CPU devices unless jax already has them."""
+  flag = f"--xla_force_host_platform_device_count={n}"
+  if "jax" not in sys.modules:
+    os.environ["XLA_FLAGS"] = " ".join(
+        f for f in os.environ.get("XLA_FLAGS", "").split()
+        if "xla_force_host_platform_device_count" not in f) + " " + flag
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    return None
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.device_count() == n and jax.devices()[0].platform == "cpu":
+    return None
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flag)
+  return subprocess.call([sys.executable, "-m", "bsf_jax.bench", "scale",
+                          *argv[1:]], env=env)
+
+
+def _mib(n: int) -> str:
+  return f"{n / 2**20:,.1f}"
+
+
+def main(argv: list[str]) -> int:
+  args = _parse(argv)
+  rc = _reexec_with_devices(args.devices, argv)
+  if rc is not None:
+    return rc
+  import jax  # pylint: disable=g-import-not-at-top
+  from bsf_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  dtypes = {"fp32": "float32", "bf16": "bfloat16"}
+  rows = []
+  print(f"{jax.device_count()} fake {jax.devices()[0].platform} devices; "
+        "per device: collective MiB by kind (result shapes), ratio to "
+        "param bytes, largest collective, argument/output/temp MiB")
+  header = ("stage", "size", "mesh", "dtype", "remat", "params MiB",
+            "all-reduce", "all-gather", "reduce-scatter", "other", "ratio",
+            "largest", "arg", "out", "temp", "compile s")
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
+  for stage in (int(s) for s in args.stages.split(",")):
+    for size in args.sizes.split(","):
+      for mesh_kind in args.meshes.split(","):
+        fsdp = args.fsdp if mesh_kind == "fsdp" else 1
+        for dtype in args.dtypes.split(","):
+          for remat in args.remat.split(","):
+            config = case_config(stage, size, args.devices, fsdp,
+                                 dtypes[dtype], remat)
+            mesh = sharding.create_mesh(config.mesh)
+            t0 = time.perf_counter()
+            compiled, abstract = compile_step(config, mesh)
+            seconds = time.perf_counter() - t0
+            r = analyse(compiled, param_bytes(abstract.params))
+            kinds = r["collective_bytes"]
+            other = sum(v for k, v in kinds.items() if k not in (
+                "all-reduce", "all-gather", "reduce-scatter"))
+            row = dict(stage=stage, size=size, mesh=f"{mesh_kind} "
+                       f"{dict(mesh.shape)}", dtype=dtype, remat=remat,
+                       compile_s=round(seconds, 1), **r)
+            rows.append(row)
+            cells = (stage, size, mesh_kind if fsdp == 1 else f"fsdp={fsdp}",
+                     dtype, remat, _mib(r["param_bytes"]),
+                     _mib(kinds.get("all-reduce", 0)),
+                     _mib(kinds.get("all-gather", 0)),
+                     _mib(kinds.get("reduce-scatter", 0)), _mib(other),
+                     f"{r['ratio_to_params']:.2f}x",
+                     _mib(r["largest_collective_bytes"]),
+                     _mib(r.get("argument_bytes", 0)),
+                     _mib(r.get("output_bytes", 0)),
+                     _mib(r.get("temp_bytes", 0)), f"{seconds:.0f}")
+            print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+  print("\nData-loader cores per host to feed 8 GPUs (per-core crops/s "
+        f"{ {k: round(v, 2) for k, v in _CROPS_PER_CORE.items()} } from "
+        "`bench data`):")
+  for stage, crops in ((1, 4), (3, 1)):
+    for t in (float(s) for s in args.step_times.split(",")):
+      cores = feed_cores(crops, t)
+      print(f"  stage {stage} ({crops} crops/GPU/step), step {t:g} s: "
+            + ", ".join(f"{k} {v} cores" for k, v in cores.items()))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
