@@ -56,7 +56,9 @@ def test_ssl_batches_are_seeded(cohort):
   assert not np.array_equal(a[0]["image"], c[0]["image"])
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+# One worker process is enough to cover resuming across processes; each
+# spawned worker costs seconds of start-up.
+@pytest.mark.parametrize("workers", [0, 1])
 def test_iterator_state_resumes_exactly(cohort, workers):
   cfg = _cfg(cohort, "brats", workers=workers, num_samples=1, batch_size=2)
   it = pipeline.make_train_iter(cfg, task="seg", seed=0, process_index=0, process_count=1)

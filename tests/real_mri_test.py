@@ -4,9 +4,11 @@ The scans live outside the repo, in ../shared/real-mri (provenance and
 licences in its README); they are read by path and never copied into the
 repo. The 2023+ copy of the BraTS case (BraTS-GLI-* names, ET 4 -> 3) and the
 UKB layout of the MS patient are made in a temp dir: links to the real files,
-except the relabelled segmentation. Training runs on a 48^3 crop around the
-tumour (tiny model, 32^3 roi) so the module stays cheap; `predict` runs on the
-whole real volumes.
+except the relabelled segmentation. `data.check` reads the whole real volumes;
+training, `predict` and `evaluate` run on a 48^3 crop around the tumour (its
+own LPS affine) with a tiny model and a 32^3 roi, so the module stays cheap
+(the whole 240x240x155 volume is 320 windows at overlap 0, ~18 s of CPU
+compute plus its own compile, measured on the 2-core machine).
 """
 
 import io
@@ -34,12 +36,12 @@ if not (os.path.isdir(CASE_DIR) and os.path.isdir(MS_DIR)):
 nib = pytest.importorskip("nibabel")
 
 
-def _link_2023(out_dir):
-  """The real case in the BraTS 2023+ layout: renamed links, seg ET 4 -> 3."""
+def _link_2023(out_dir, case_dir=CASE_DIR):
+  """A copy of the case in the BraTS 2023+ layout: renamed links, seg ET 4 -> 3."""
   subject = os.path.join(out_dir, CASE23)
   os.makedirs(subject)
   for old, new in RENAME.items():
-    src = os.path.join(CASE_DIR, f"{CASE}_{old}.nii.gz")
+    src = os.path.join(case_dir, f"{CASE}_{old}.nii.gz")
     dst = os.path.join(subject, f"{CASE23}-{new}.nii.gz")
     if old == "seg":
       img = nib.load(src)
@@ -113,49 +115,73 @@ def finetuned(tmp_path_factory):
   config.mesh.num_devices = 1
   config.model.num_heads = (1, 1, 1, 1)
   config.optim.update(lr=3e-3, warmup_steps=1)
-  config.train.update(num_steps=24, log_every=1, eval_every=0, ckpt_every=30,
+  config.train.update(num_steps=20, log_every=1, eval_every=0, ckpt_every=30,
                       eval_batches=1)
   workdir = str(tmp / "s3")
   finetune.train_and_evaluate(config, workdir)
-  return workdir
+  return workdir, subject
 
 
 def test_stage3_overfits_the_real_tumour(finetuned):
-  losses = _losses(finetuned)
-  assert len(losses) == 24 and np.isfinite(losses).all()
+  losses = _losses(finetuned[0])
+  assert len(losses) == 20 and np.isfinite(losses).all()
   first, last = np.mean(losses[:5]), np.mean(losses[-5:])
   assert last < first - 0.05, (first, last)
 
 
-def test_predict_real_2023_named_case(finetuned, case23, tmp_path, capsys):
+def test_predict_real_2023_named_case(finetuned, tmp_path, capsys):
   from bsf_jax import predict
+  workdir, crop = finetuned
+  case23 = _link_2023(str(tmp_path), crop)
   out = tmp_path / "out"
-  # The whole real volume (240x240x155); overlap 0 keeps it to 320 windows.
-  predict._predict(finetuned, case23, str(out), "latest",
-                   overrides=dict(sw_overlap=0.0, sw_batch_size=8))
+  # The run's own sliding-window settings, as validation used them.
+  predict._predict(workdir, case23, str(out), "latest")
   printed = capsys.readouterr().out
   # A 2021-trained checkpoint says which convention it wrote, and notes
   # the 2023-named input.
   assert "labels: 1 NCR, 2 ED, 4 ET, convention brats2021" in printed
   assert "have BraTS 2023+ file names" in printed
-  ref = nib.load(os.path.join(CASE_DIR, f"{CASE}_flair.nii.gz"))
+  ref = nib.load(os.path.join(case23, f"{CASE23}-t2f.nii.gz"))
   img = nib.load(out / f"{CASE23}_pred.nii.gz")
-  assert img.shape == ref.shape == (240, 240, 155)
+  assert img.shape == ref.shape == (48, 48, 48)
   np.testing.assert_allclose(img.affine, ref.affine)
   assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
   pred = np.asarray(img.dataobj)
   assert set(np.unique(pred)) <= {0, 1, 2, 4} and pred.any()
-  # Where the crop was learnt, the tumour is found (in the file's LPS grid).
-  seg = np.asarray(nib.load(os.path.join(CASE_DIR, f"{CASE}_seg.nii.gz")).dataobj)
+  # The overfit tumour is found, in the file's own LPS grid.
+  seg = np.asarray(nib.load(os.path.join(case23, f"{CASE23}-seg.nii.gz")).dataobj)
   assert (pred[seg > 0] > 0).mean() > 0.5
   # The contract's convention, or another with the same regions on request.
   from bsf_jax.checkpointing import restore_params
-  meta = restore_params(finetuned, "latest")[1]
+  meta = restore_params(workdir, "latest")[1]
   assert meta["contract"]["labels"]["values"] == {"1": "NCR", "2": "ED", "4": "ET"}
   conv, source = predict.output_convention(meta["contract"], "brats2023")
   assert conv.name == "brats2023" and "trained on brats2021" in source
   with pytest.raises(ValueError, match="regions"):
     predict.output_convention(meta["contract"], "atlas")
+
+
+def test_evaluate_brats2023_convention_on_the_real_crop(finetuned, tmp_path):
+  import ml_collections
+  from bsf_jax import evaluate
+  workdir = finetuned[0]
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  evaluate._tuples(config)
+  table = evaluate.evaluate_run(workdir, config, str(tmp_path), "latest",
+                                convention="brats2023")
+  assert "scored with the brats2023 convention" in table.splitlines()[0]
+  with open(tmp_path / "evaluation.json") as f:
+    result = json.load(f)
+  assert result["convention"] == "brats2023"
+  row = result["volumes"][0]
+  for region in ("TC", "WT", "ET"):
+    for metric in ("dice", "hd95", "lesion_dice", "lesion_hd95", "tp", "fp", "fn"):
+      assert np.isfinite(row[f"{metric}_{region}"]), (metric, region)
+    assert 0 <= row[f"lesion_dice_{region}"] <= 1
+    assert 0 <= row[f"lesion_hd95_{region}"] <= 373
+  assert row["dice_mean"] == pytest.approx(
+      np.mean([row[f"lesion_dice_{r}"] for r in ("TC", "WT", "ET")]))
 
 
 def test_stage1_reads_real_t1_flair_in_ukb_layout(tmp_path):
