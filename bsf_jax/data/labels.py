@@ -119,7 +119,8 @@ def check_values(label, conv: Convention, path: str):
   present = {int(v) for v in np.flatnonzero(np.bincount(label.astype(np.int64).ravel()))}
   if present - allowed:
     raise DataError(f"{path}: label values {sorted(present - allowed)} outside "
-                    f"{sorted(allowed)} ({conv.name}{_hint(present, conv)})")
+                    f"the expected set {sorted(allowed)} "
+                    f"({conv.name}{_hint(present, conv)})")
 
 
 def _hint(present, conv):
