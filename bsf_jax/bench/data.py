@@ -21,7 +21,6 @@ import tempfile
 import threading
 import time
 
-import numpy as np
 import psutil
 
 from bsf_jax.data import demo

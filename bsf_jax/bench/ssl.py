@@ -105,7 +105,6 @@ class _JaxSide:
 
   def __init__(self, args):
     import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import ml_collections  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from bsf_jax import optim, sharding, ssl_step, train_state  # pylint: disable=g-import-not-at-top

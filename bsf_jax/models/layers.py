@@ -112,6 +112,28 @@ def conv3d(x: jax.Array, kernel: jax.Array, stride: int = 1, *, impl: str) -> ja
       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
 
 
+@jax.custom_vjp
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """y + bias (broadcast over all but the last axis), in y's dtype.
+
+  The bias gradient is a sum over every voxel of the batch; autodiff would sum
+  in y's dtype, which in bfloat16 loses most of it, so it is summed in float32.
+  """
+  return y + bias.astype(y.dtype)
+
+
+def _add_bias_fwd(y, bias):
+  return add_bias(y, bias), bias
+
+
+def _add_bias_bwd(bias, g):
+  axes = tuple(range(g.ndim - 1))
+  return g, jnp.sum(g, axis=axes, dtype=jnp.float32).astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 class Conv3d(nn.Module):
   """3D convolution on NDHWC with 'same' padding (k // 2), like torch `Conv3d`.
 
@@ -133,7 +155,7 @@ class Conv3d(nn.Module):
     y = conv3d(x.astype(cfg.dtype), kernel.astype(cfg.dtype), s, impl=cfg.impl)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
-      y = y + bias.astype(cfg.dtype)
+      y = add_bias(y, bias)
     return y
 
 

@@ -88,5 +88,5 @@ class _VaeStage(nn.Module):
                         cfg.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
     y = layers.conv3d(x.astype(cfg.dtype), kernel.astype(cfg.dtype), impl=cfg.impl)
-    y = y + bias.astype(cfg.dtype)
+    y = layers.add_bias(y, bias)
     return layers.upsample_trilinear_x2(layers.leaky_relu(layers.instance_norm(y)))
