@@ -25,7 +25,7 @@ _EVAL_SEED = 20240101
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   mesh = sharding.create_mesh(config.mesh)
-  model = loop.build_model(config)
+  model = loop.build_model(config, devices=list(mesh.devices.flat))
   dtype = jnp.dtype(config.model.dtype)
   loss_fn = ssl_step.make_loss_fn(model, config.ssl, dtype)
   eval_step = ssl_step.make_eval_step(model, config.ssl, mesh, dtype)
