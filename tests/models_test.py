@@ -227,18 +227,18 @@ def _check_outputs_and_gradients(label, model, params, kind, tm, x, cotangents):
   _check_gradients(label, ours, torch32, torch64)
 
 
-@pytest.mark.parametrize("impl,remat", [("xla", "dots_saveable"), ("cpu", "block")])
+@pytest.mark.parametrize("impl,remat", [("xla", "block"), ("cpu", "none")])
 def test_swin_unetr_outputs_and_gradients_match_monai(impl, remat):
   """Logits, and the input's and every parameter's gradient, of SwinUNETR against MONAI
   (float64 autograd as the truth for gradients), weights exported JAX -> MONAI.
 
-  At 32^3 the stage-0 and stage-1 maps (16^3, 8^3) are not multiples of the 7^3 window
-  and run shifted blocks; stage 2 (4^3) shrinks the window. remat here also shows that
-  it changes neither outputs nor gradients.
+  (32, 32, 64) is not a multiple of the 7^3 window at any stage, and stages 0-2 run
+  shifted blocks (32^3 would leave MONAI's training-mode InstanceNorm a 1^3 bottleneck).
+  remat here also shows that it changes neither outputs nor gradients.
   """
   model = models.SwinUNETR(in_channels=2, out_channels=3, feature_size=F, impl=impl, remat=remat)
   params = _random_params(model, 11)
-  x = np.random.default_rng(12).standard_normal((1, 32, 32, 32, 2)).astype(np.float32)
+  x = np.random.default_rng(12).standard_normal((1, 32, 32, 64, 2)).astype(np.float32)
   cotangents = [_projection(x.shape[:-1] + (3,), 13)]
   tm = monai_nets.SwinUNETR(in_channels=2, out_channels=3, feature_size=F)
   _check_outputs_and_gradients(f"SwinUNETR {impl} remat={remat}", model, params, "swin_unetr",
