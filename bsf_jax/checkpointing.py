@@ -17,25 +17,45 @@ Orbax writes every step to a temporary directory and renames it only once all
 items are complete, so a process killed mid-save loses at most that step; the
 next start ignores (and cleans) the partial directory and restores the last
 complete one.
+
+A complete step can still be unreadable: a truncated copy of a run directory,
+a full disk, a bad block. `restore_newest` then reports the step in one line
+(step, file, reason), moves it aside to `workdir/corrupt_checkpoints/` (never
+deleting it) and resumes from the newest step that restores; all processes
+try each step and agree on the outcome before going on. `restore_params`
+(export, predict, evaluate) names the failed step and the kept steps to pick
+with `--step` instead.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 CKPT_SUBDIR = "checkpoints"
+# Where steps that fail to restore are moved (beside CKPT_SUBDIR, where
+# Orbax neither lists nor cleans them).
+CORRUPT_SUBDIR = "corrupt_checkpoints"
 
 
 class ContractError(ValueError):
   """A checkpoint was made for different inputs than the ones given now."""
+
+
+class CheckpointError(ValueError):
+  """A checkpoint step exists but its files cannot be read."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -115,7 +135,14 @@ def best_step(manager: ocp.CheckpointManager, metric: str,
   """The kept step with the best validation `metric`, or None if none has it."""
   scored = []
   for step in manager.all_steps():
-    value = read_meta(manager, step).get("metrics", {}).get(metric)
+    try:
+      meta = read_meta(manager, step)
+    except (FileNotFoundError, ValueError) as e:
+      # An unreadable step cannot be the best one to use; say so and rank
+      # the others.
+      logging.warning("Not ranking checkpoint step %d: %s", step, e)
+      continue
+    value = meta.get("metrics", {}).get(metric)
     if value is not None:
       scored.append((value if mode == "min" else -value, step))
   return min(scored)[1] if scored else None
@@ -144,6 +171,75 @@ def resolve_step(manager: ocp.CheckpointManager, which: str | int | None,
   return step
 
 
+def _restore_items(directory: str, step: int, abstract_state: Any,
+                   data_iter: Any | None) -> Any:
+  """Restores state (and the data iterator) of one step, on this process.
+
+  Through the item handlers, not `CheckpointManager.restore`: the manager's
+  checkpointer ends a restore with a barrier of all processes, so a process
+  whose read fails (a truncated file read only by its own shards) would
+  leave the others waiting there forever. Here every process returns, and
+  `restore_newest` gathers the outcomes.
+  """
+  items = dict(state=ocp.args.StandardRestore(abstract_state))
+  if data_iter is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  handler = ocp.CompositeCheckpointHandler()
+  try:
+    return handler.restore(epath.Path(directory) / str(step),
+                           args=ocp.args.Composite(**items)).state
+  finally:
+    handler.close()
+
+
+def _reason(error: BaseException) -> str:
+  """The innermost message of an error chain, on one line.
+
+  TensorStore read errors surface as a bare `Exception` whose message is a
+  page-long spec; the useful line ("Truncated Zstd-compressed stream",
+  "Requested byte range ... not valid") is in its `__cause__`.
+  """
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _culprit(step_dir: str, error: BaseException) -> str:
+  """The file (or array) of `step_dir` that failed to restore, if known."""
+  chain = []
+  while error is not None:
+    chain.append(str(error))
+    error = error.__cause__ or error.__context__
+  for text in chain:
+    m = re.search(r'Error reading "([^"]+)" in OCDBT database at local file '
+                  r'"([^"]+)"', text)
+    if m:  # The array's key inside the step's state directory.
+      return f"{m.group(2).rstrip('/')} (array {m.group(1)})"
+    m = re.search(r"(/\S+)", text)
+    if m and m.group(1).startswith(step_dir):
+      return m.group(1).rstrip(".,:'\"")
+  # JSON decode errors do not name their file: find the one that is cut.
+  for path in sorted(glob.glob(os.path.join(step_dir, "**", "*"),
+                               recursive=True)):
+    name = os.path.basename(path)
+    if os.path.isfile(path) and (name in ("_CHECKPOINT_METADATA", "_METADATA",
+                                          "_sharding", "metadata") or
+                                 name.endswith(".json")):
+      try:
+        with open(path) as f:
+          json.load(f)
+      except (ValueError, UnicodeDecodeError):
+        return path
+  return step_dir
+
+
+def _failure(directory: str, step: int, error: BaseException) -> str:
+  step_dir = os.path.join(str(directory), str(step))
+  return (f"checkpoint step {step} ({_culprit(step_dir, error)}) cannot be "
+          f"restored: {_reason(error)}")
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
             data_iter: Any | None) -> tuple[Any, dict[str, Any]]:
   """Restores state (with the shardings of `abstract_state`) and data iter.
@@ -158,21 +254,171 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
 
   Returns:
     (state, meta).
+
+  Raises:
+    CheckpointError: one line naming the step, the file and the reason.
   """
-  items = dict(state=ocp.args.StandardRestore(abstract_state),
-               meta=ocp.args.JsonRestore())
-  if data_iter is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  meta = read_meta(manager, step)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-  except (ValueError, KeyError) as e:
-    # Orbax raises ValueError/KeyError both for a structure mismatch and for
-    # a truncated or corrupt file (e.g. a cut JSON metadata file).
-    raise ValueError(
-        f"Checkpoint {manager.directory}/{step} cannot be restored: its "
-        f"files are truncated/corrupt or it was made for a different model "
-        f"size, channels or optimizer: {e}") from e
-  return restored.state, restored.meta
+    state = _restore_items(str(manager.directory), step, abstract_state,
+                           data_iter)
+  # Orbax and TensorStore raise bare `Exception`s (and ValueError, KeyError,
+  # OSError) for truncated files and for structure mismatches alike.
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise CheckpointError(
+        f"Checkpoint {manager.directory}/{step} cannot be restored "
+        f"({_culprit(os.path.join(str(manager.directory), str(step)), e)}: "
+        f"{_reason(e)}): its files are truncated/corrupt or it was made for "
+        f"a different model size, channels or optimizer") from e
+  return state, meta
+
+
+def newest_step_checked(manager: ocp.CheckpointManager,
+                        contract: dict[str, Any]) -> int | None:
+  """The step a resume starts from, after checking its input contract.
+
+  Runs before the (costly) state init so that a mismatched config fails in
+  seconds. Steps whose metadata does not read are passed over here;
+  `restore_newest` reports them.
+
+  Returns:
+    None when the workdir has no checkpoint, else the newest step.
+
+  Raises:
+    ContractError: the newest readable step was made for other inputs.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
+    try:
+      saved = read_meta(manager, step)
+    except (FileNotFoundError, ValueError):
+      continue
+    check_contract(saved.get("contract", {}), contract,
+                   f"{manager.directory}/{step}")
+    break
+  return steps[0] if steps else None
+
+
+def _all_agree(ok: bool) -> bool:
+  """True when `ok` holds on every process (a collective on several)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any,
+                   data_iter: Any | None, contract: dict[str, Any]
+                   ) -> tuple[Any, dict[str, Any], int]:
+  """Restores the newest step that restores on every process.
+
+  Steps are tried newest first. Every process tries each step and the
+  outcomes are all-gathered, so all processes go on from the same step.
+  Steps that failed are reported in one line each and, once an older step
+  has restored, moved by process 0 to `workdir/corrupt_checkpoints/` (never
+  deleted); the manager is then reloaded so that it no longer lists them and
+  the run can save those step numbers again.
+
+  Args:
+    manager: the workdir's (writable) manager.
+    abstract_state, data_iter: as `restore`.
+    contract: this run's input contract; each step's is checked.
+
+  Returns:
+    (state, meta, step).
+
+  Raises:
+    CheckpointError: no step restores. Nothing is moved or deleted then.
+    ContractError: a step was made for other inputs (not a corruption).
+  """
+  directory = str(manager.directory)
+  failed: list[tuple[int, str]] = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    error = None
+    try:
+      meta = read_meta(manager, step)
+    except (FileNotFoundError, ValueError) as e:
+      error = e
+    if error is None:
+      check_contract(meta.get("contract", {}), contract, f"{directory}/{step}")
+      try:
+        state = _restore_items(directory, step, abstract_state, data_iter)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        error = e  # See `restore`: corruption has no narrower type.
+    line = (_failure(directory, step, error) if error is not None else
+            f"checkpoint step {step} failed to restore on another process "
+            "(see its log)")
+    if _all_agree(error is None):
+      break
+    logging.error("%s", line)
+    failed.append((step, line))
+  else:
+    lines = "; ".join(line for _, line in failed) or "no steps"
+    raise CheckpointError(
+        f"No checkpoint in {directory} restores: {lines}. Nothing was moved "
+        f"or deleted; repair or move those step directories, or start the "
+        f"run in a new --workdir")
+  if failed:
+    _move_aside(manager, [s for s, _ in failed], step)
+  return state, meta, step
+
+
+def _move_aside(manager: ocp.CheckpointManager, steps: list[int],
+                resumed: int) -> None:
+  directory = str(manager.directory)
+  aside_root = os.path.join(os.path.dirname(directory), CORRUPT_SUBDIR)
+  if jax.process_index() == 0:
+    os.makedirs(aside_root, exist_ok=True)
+    for step in steps:
+      target = os.path.join(aside_root, str(step))
+      n = 1
+      while os.path.exists(target):  # Keep earlier casualties too.
+        n += 1
+        target = os.path.join(aside_root, f"{step}.{n}")
+      os.rename(os.path.join(directory, str(step)), target)
+      logging.warning("Moved unreadable checkpoint step %d to %s; resuming "
+                      "from step %d.", step, target, resumed)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("bsf_jax:corrupt_steps_moved")
+  manager.reload()
+
+
+def _open_read_only(path: str, which: str | int | None
+                    ) -> tuple[ocp.CheckpointManager, str, str | int | None]:
+  """A read-only manager for a workdir, its checkpoints dir or a step dir."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "state")):  # A step dir.
+    which = int(os.path.basename(path))
+    path = os.path.dirname(path)
+  elif os.path.isdir(os.path.join(path, CKPT_SUBDIR)):
+    path = os.path.join(path, CKPT_SUBDIR)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"No checkpoint directory at {path}")
+  manager = ocp.CheckpointManager(
+      path, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  return manager, path, which
+
+
+def run_meta(path: str) -> dict[str, Any]:
+  """The metadata of the newest kept step whose metadata reads.
+
+  Every step of a run has the same contract (a resume checks it), so any
+  readable step tells what was trained; used before a step is chosen.
+  """
+  manager, path, _ = _open_read_only(path, None)
+  try:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"No complete checkpoint in {path}")
+    errors = []
+    for step in steps:
+      try:
+        return read_meta(manager, step)
+      except (FileNotFoundError, ValueError) as e:
+        errors.append(str(e))
+    raise CheckpointError(f"No checkpoint step in {path} has readable "
+                          f"metadata: {'; '.join(errors)}")
+  finally:
+    manager.close()
 
 
 def restore_params(path: str, which: str | int | None = "latest",
@@ -191,19 +437,24 @@ def restore_params(path: str, which: str | int | None = "latest",
   Returns:
     (params as numpy arrays, meta, step).
   """
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "state")):  # A step dir.
-    which = int(os.path.basename(path))
-    path = os.path.dirname(path)
-  elif os.path.isdir(os.path.join(path, CKPT_SUBDIR)):
-    path = os.path.join(path, CKPT_SUBDIR)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"No checkpoint directory at {path}")
-  manager = ocp.CheckpointManager(
-      path, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  manager, path, which = _open_read_only(path, which)
   step = resolve_step(manager, which, metric, mode)
-  meta = read_meta(manager, step)
-  state_dir = os.path.join(path, str(step), "state")
+  try:
+    meta = read_meta(manager, step)
+    params = _host_params(os.path.join(path, str(step), "state"))
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    # As in `restore`: corrupt files raise anything from KeyError to bare
+    # Exception. One line, and the way out: another kept step.
+    others = sorted(s for s in manager.all_steps() if s != step)
+    hint = (f"choose another kept step with --step (kept: {others})" if others
+            else "no other step is kept")
+    raise CheckpointError(f"{_failure(path, step, e)}; {hint}") from e
+  finally:
+    manager.close()
+  return params, meta, step
+
+
+def _host_params(state_dir: str) -> Any:
   tree = ocp.StandardCheckpointer().metadata(state_dir)
   tree = getattr(tree, "item_metadata", tree)
   # The whole state is restored on the host (no mesh needed) and only the
@@ -213,8 +464,7 @@ def restore_params(path: str, which: str | int | None = "latest",
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(state_dir, abstract)
-  manager.close()
-  return jax.device_get(restored["params"]), meta, step
+  return jax.device_get(restored["params"])
 
 
 def check_contract(saved: dict[str, Any], current: dict[str, Any],

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from bsf_jax import checkpointing, metrics
+from bsf_jax import atomic_io, checkpointing, metrics
 from bsf_jax.data import labels
 from bsf_jax.data import pipeline
 
@@ -79,8 +79,10 @@ def evaluate_run(run_dir: str, config: ml_collections.ConfigDict,
   keys = [k for k in rows[0] if k != "volume"]
   mean = {"volume": "mean", **{k: float(np.nanmean([r[k] for r in rows]))
                                for k in keys}}
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "evaluation.csv"), "w", newline="") as f:
+  # Each file is complete or absent (atomic_io): a full disk keeps the
+  # previous evaluation's file.
+  with atomic_io.open_atomic(os.path.join(out_dir, "evaluation.csv"), "w",
+                             newline="") as f:
     writer = csv.DictWriter(f, ["volume", *keys])
     writer.writeheader()
     writer.writerows([*rows, mean])
@@ -92,9 +94,8 @@ def evaluate_run(run_dir: str, config: ml_collections.ConfigDict,
     lines.append(f"| {r['volume']} | " +
                  " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
   table = "\n".join(lines)
-  with open(os.path.join(out_dir, "evaluation.md"), "w") as f:
-    f.write(table + "\n")
-  with open(os.path.join(out_dir, "evaluation.json"), "w") as f:
+  atomic_io.write_text(os.path.join(out_dir, "evaluation.md"), table + "\n")
+  with atomic_io.open_atomic(os.path.join(out_dir, "evaluation.json")) as f:
     json.dump({"step": step, "convention": convention, "mean": mean,
                "volumes": rows}, f, indent=2)
   save_figure(os.path.join(out_dir, "evaluation.png"), *figure_item,
@@ -129,7 +130,8 @@ def save_figure(path: str, item: dict, probs: np.ndarray,
                "(yellow TC, green WT, red ET)" if pred.shape[-1] == 3 else
                f"{os.path.basename(str(item['path']))}, axial slice {z}")
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
+  with atomic_io.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=80)
   plt.close(fig)
 
 
@@ -158,8 +160,15 @@ def main(argv):
     # JSON data, never code: the resolved config written by the run.
     config = ml_collections.ConfigDict(json.load(f))
   _tuples(config)
-  print(evaluate_run(FLAGS.workdir, config, FLAGS.workdir, FLAGS.step,
-                     FLAGS.convention))
+  try:
+    print(evaluate_run(FLAGS.workdir, config, FLAGS.workdir, FLAGS.step,
+                       FLAGS.convention))
+  except (FileNotFoundError, checkpointing.CheckpointError,
+          checkpointing.ContractError, atomic_io.OutputError) as e:
+    # One line naming the step (and, for a corrupt one, the other kept
+    # steps to pick with --step), not a TensorStore traceback.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def _tuples(config):

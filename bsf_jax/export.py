@@ -23,7 +23,7 @@ import sys
 
 from absl import app, flags
 
-from bsf_jax import checkpointing
+from bsf_jax import atomic_io, checkpointing
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (or its checkpoints dir).")
@@ -41,15 +41,19 @@ _BEST = {"ssl_head": ("val_rec", "min"), "swin_unetr": ("val_dice_mean", "max")}
 def export(workdir: str, out: str, fmt: str, which: str | int = "latest") -> str:
   """Writes the weights of `workdir`'s checkpoint `which` to `out`.
 
+  `out` appears only once complete (`atomic_io`): an interrupted export or a
+  full disk leaves no file there, or the earlier one unchanged. Missing
+  parent folders are created.
+
   Returns:
     A one-line description of what was written.
   """
   from bsf_jax import convert  # torch is an optional extra: import lazily.
 
-  probe_params, meta, _ = checkpointing.restore_params(workdir, "latest")
-  del probe_params
-  model = meta.get("contract", {}).get("model", {})
-  kind = model.get("name")
+  # All steps of a run share the contract: any readable one names the model
+  # (needed first, as "best" is ranked by a model-specific metric).
+  kind = checkpointing.run_meta(workdir).get("contract", {}).get(
+      "model", {}).get("name")
   if kind not in _BEST:
     raise ValueError(f"{workdir}: checkpoint metadata has no model name "
                      f"(contract.model.name={kind!r})")
@@ -65,10 +69,13 @@ def export(workdir: str, out: str, fmt: str, which: str | int = "latest") -> str
   else:
     state_dict = convert.params_to_torch(params, kind)
   if fmt == "safetensors":
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, out,
-              metadata={"contract": json.dumps(meta.get("contract", {})),
-                        "step": str(step), "kind": kind})
+    from safetensors.torch import save
+    # Serialised in memory and written by Python, so that a full disk is an
+    # OSError (not a library's own error) and the file is never partial.
+    atomic_io.write_bytes(out, save(
+        {k: v.contiguous() for k, v in state_dict.items()},
+        metadata={"contract": json.dumps(meta.get("contract", {})),
+                  "step": str(step), "kind": kind}))
   else:
     import torch
     if fmt == "bsf":
@@ -76,7 +83,8 @@ def export(workdir: str, out: str, fmt: str, which: str | int = "latest") -> str
               "global_step": step, "epoch": 0}
     else:
       blob = state_dict
-    torch.save(blob, out)
+    with atomic_io.open_atomic(out, "wb") as f:
+      torch.save(blob, f)
   return (f"wrote {len(state_dict)} tensors ({kind}, step {step}, format "
           f"{fmt}) to {out}")
 
@@ -90,7 +98,7 @@ def main(argv):
                                      else "latest")
   try:
     print(export(FLAGS.workdir, FLAGS.out, FLAGS.format, which))
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, atomic_io.OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from bsf_jax import checkpointing, config_lib, metrics
+from bsf_jax import atomic_io, checkpointing, config_lib, metrics
 from bsf_jax.data import io as data_io
 from bsf_jax.data import labels as labels_lib
 from bsf_jax.data import transforms
@@ -132,7 +132,9 @@ def write_like(path: str, data: np.ndarray, reference: str) -> None:
   header = ref.header.copy()
   header.set_data_dtype(np.uint8)
   header["scl_slope"], header["scl_inter"] = 1, 0
-  nib.save(nib.Nifti1Image(out, ref.affine, header), path)
+  # Complete or absent: an interrupted subject leaves no partial NIfTI.
+  with atomic_io.atomic_path(path) as tmp:
+    nib.save(nib.Nifti1Image(out, ref.affine, header), tmp)
 
 
 def main(argv):
@@ -144,7 +146,8 @@ def main(argv):
                             sw_overlap=FLAGS.overlap,
                             sw_batch_size=FLAGS.sw_batch_size),
              label_format=FLAGS.labels)
-  except (InputError, FileNotFoundError, ValueError) as e:
+  except (InputError, FileNotFoundError, ValueError,
+          atomic_io.OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 
