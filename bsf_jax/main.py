@@ -8,12 +8,13 @@ Config files are Python code and are executed; only run configs you trust.
 """
 
 import importlib
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bsf_jax import distributed
+from bsf_jax import checkpointing, distributed, workdir_lock
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -43,7 +44,13 @@ def main(argv):
   logging.info("JAX process %d / %d, local devices %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   trainer = importlib.import_module(f"bsf_jax.trainers.{config.trainer}")
-  trainer.train_and_evaluate(config, FLAGS.workdir)
+  try:
+    trainer.train_and_evaluate(config, FLAGS.workdir)
+  except (workdir_lock.WorkdirLockedError, checkpointing.CheckpointError) as e:
+    # Another run holds the workdir, or no checkpoint step restores: one
+    # line saying which, not a traceback.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -364,3 +364,126 @@ def test_nonfinite_skip_and_halt(cohort, xla_cache, tmp_path):
   params, step = _params(workdir)  # Intact and restorable.
   assert step == bad - 1
   assert all(np.isfinite(v).all() for v in params.values())
+
+
+# --- Cluster faults: one writer per workdir -----------------------------------
+
+
+def _write_lock(path, record):
+  import json
+  with open(path, "w") as f:
+    json.dump(record, f)
+
+
+def test_workdir_lock_refuses_a_live_holder_and_takes_over_stale_ones(
+    tmp_path, monkeypatch, caplog):
+  import logging
+  import socket
+  from bsf_jax import workdir_lock as wl
+  monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+  monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+  workdir = str(tmp_path / "w")
+  path = wl.lock_path(workdir)
+  lock = wl.acquire(workdir)
+  with pytest.raises(wl.WorkdirLockedError) as info:
+    wl.acquire(workdir)
+  message = str(info.value)
+  assert f"host {socket.gethostname()}, PID {os.getpid()}" in message, message
+  assert path in message and "\n" not in message
+  lock.release()
+  assert not os.path.exists(path)
+
+  # Stale on this host: the holder's process is gone, or its PID now belongs
+  # to a later process (here: this one, with another start time).
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  for name, record in {
+      "gone": dict(wl.holder_record(), pid=gone.pid, token="gone"),
+      "pid reused": dict(wl.holder_record(), pid_start_ticks=1,
+                         token="reused")}.items():
+    _write_lock(path, record)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      lock = wl.acquire(workdir)
+    assert "Took over the stale lock" in caplog.text, name
+    assert lock.record["token"] in open(path).read(), name
+    lock.release()
+
+  # Another host: a requeue of the same SLURM job supersedes its earlier
+  # incarnation; a different job cannot be checked and is refused.
+  monkeypatch.setenv("SLURM_JOB_ID", "4242")
+  monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+  _write_lock(path, dict(host="node-a", pid=7, slurm_job_id="4242",
+                         slurm_restart_count=0, token="old"))
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    wl.acquire(workdir).release()
+  assert "SLURM job 4242 was requeued" in caplog.text
+  foreign = dict(host="node-b", pid=7, slurm_job_id="999",
+                 slurm_restart_count=0, started="then", token="other")
+  _write_lock(path, foreign)
+  before = open(path).read()
+  with pytest.raises(wl.WorkdirLockedError,
+                     match="host node-b, PID 7, SLURM job 999"):
+    wl.acquire(workdir)
+  assert open(path).read() == before
+
+
+# --- Cluster faults: automatic requeue at the SLURM time limit ---------------
+
+_FAKE_SRUN = """#!/bin/bash
+echo "srun $*" >> "$FAKE_LOG"
+[[ -n ${FAKE_DONE:-} ]] && exit 0
+trap 'echo "srun: SIGTERM" >> "$FAKE_LOG"; sleep 0.2; echo "srun: saved" >> "$FAKE_LOG"; exit ${FAKE_TERM_STATUS:-0}' TERM
+while :; do sleep 0.05; done
+"""
+
+
+def test_slurm_script_requeues_itself_at_the_time_limit(tmp_path):
+  """launch/slurm_stage1.sbatch with fake `srun` and `scontrol` on PATH."""
+  fake_bin = tmp_path / "bin"
+  fake_bin.mkdir()
+  (fake_bin / "srun").write_text(_FAKE_SRUN)
+  (fake_bin / "scontrol").write_text(
+      '#!/bin/bash\necho "scontrol $*" >> "$FAKE_LOG"\n')
+  for f in fake_bin.iterdir():
+    f.chmod(0o755)
+
+  def run(name, signal_it, **env):
+    log = tmp_path / f"{name}.log"
+    log.write_text("")
+    proc = subprocess.Popen(
+        ["bash", "launch/slurm_stage1.sbatch", "runs/s1", "--config.seed=3"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=_env(PATH=f"{fake_bin}:{os.environ['PATH']}",
+                            FAKE_LOG=str(log), SLURM_JOB_ID="4242", **env))
+    try:
+      if signal_it:
+        deadline = time.monotonic() + 30
+        while "srun" not in log.read_text():
+          assert time.monotonic() < deadline and proc.poll() is None
+          time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)  # What --signal=B:USR1@300 sends.
+      out = proc.communicate(timeout=30)[0]
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+    return proc.returncode, log.read_text().splitlines(), out
+
+  # The time limit: the run is told to save, ends, then the job requeues.
+  rc, calls, out = run("limit", True)
+  assert rc == 0, out
+  assert calls[0].startswith("srun --kill-on-bad-exit=1 python -m bsf_jax.main")
+  assert "--workdir=runs/s1 --config.seed=3" in calls[0]
+  assert calls[1:] == ["srun: SIGTERM", "srun: saved",
+                       "scontrol requeue 4242"], (calls, out)
+  # A run that ends on its own is not requeued.
+  rc, calls, out = run("done", False, FAKE_DONE="1")
+  assert rc == 0 and not [c for c in calls if "scontrol" in c], (calls, out)
+  # Nor one that failed while saving, nor one past BSF_MAX_REQUEUES.
+  rc, calls, out = run("failed", True, FAKE_TERM_STATUS="3")
+  assert rc == 3 and "not requeued" in out
+  assert not [c for c in calls if "scontrol" in c], (calls, out)
+  rc, calls, out = run("max", True, SLURM_RESTART_COUNT="20")
+  assert rc == 0 and "already restarted 20 times" in out
+  assert not [c for c in calls if "scontrol" in c], (calls, out)
