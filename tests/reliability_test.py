@@ -14,6 +14,7 @@ only the first pays the full compile.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -487,3 +488,192 @@ def test_slurm_script_requeues_itself_at_the_time_limit(tmp_path):
   rc, calls, out = run("max", True, SLURM_RESTART_COUNT="20")
   assert rc == 0 and "already restarted 20 times" in out
   assert not [c for c in calls if "scontrol" in c], (calls, out)
+
+
+# --- Cluster faults: corrupt checkpoints, atomic exports ---------------------
+
+
+def _digest(root):
+  import hashlib
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(d, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+def _truncate_newest(workdir):
+  """Cuts the biggest file of the newest step in half; returns the step."""
+  step = _steps(workdir)[-1]
+  state = os.path.join(workdir, "checkpoints", str(step), "state")
+  files = [os.path.join(d, f) for d, _, fs in os.walk(state) for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  os.truncate(biggest, os.path.getsize(biggest) // 2)
+  return step
+
+
+@pytest.fixture(scope="module")
+def ssl_run(tmp_path_factory):
+  """A stage-1 workdir (runlocal SSL head, zero params) at steps 1 and 2."""
+  import jax
+  import jax.numpy as jnp
+  from bsf_jax import checkpointing, config_lib
+  from bsf_jax.trainers import loop
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "stage1.py"),
+                                "runlocal")
+  model = loop.build_model(config)
+  x = jnp.zeros((1, *config.data.roi, loop.model_in_channels(config)))
+  params = jax.tree.map(
+      lambda a: np.zeros(a.shape, a.dtype),
+      jax.eval_shape(lambda k: model.init({"params": k, "dropout": k}, x),
+                     jax.random.key(0))["params"])
+  workdir = str(tmp_path_factory.mktemp("ssl") / "run")
+  manager = checkpointing.make_manager(workdir, async_save=False)
+  for step in (1, 2):
+    checkpointing.save(manager, step, {"params": params, "step": step}, None,
+                       dict(contract=loop.input_contract(config)), force=True)
+  manager.close()
+  return workdir
+
+
+def test_export_into_new_nested_folders_is_atomic(ssl_run, tmp_path,
+                                                  monkeypatch):
+  import errno
+  import torch
+  from bsf_jax import atomic_io, export
+  out = tmp_path / "a" / "b" / "encoder.pt"
+  line = export.export(ssl_run, str(out), "monai")
+  assert "step 2" in line and str(out) in line
+  n = len(torch.load(out, weights_only=True))
+  assert n > 0 and os.listdir(out.parent) == ["encoder.pt"]
+  st = tmp_path / "c" / "d" / "s1.safetensors"
+  export.export(ssl_run, str(st), "safetensors", 1)
+  from safetensors import safe_open
+  with safe_open(st, "np") as f:  # The whole SSL head, under its own keys.
+    assert f.metadata()["step"] == "1" and len(f.keys()) > n
+
+  # An export interrupted mid-write (Ctrl-C) leaves no file at the target;
+  # a full disk is one clear line and the earlier export stays as it was.
+  real_save = torch.save
+
+  def interrupted(error):
+    def save(obj, f):
+      real_save(obj, f)
+      f.truncate(f.tell() // 2)
+      raise error
+    return save
+
+  fresh = tmp_path / "e" / "never.pt"
+  monkeypatch.setattr(torch, "save", interrupted(KeyboardInterrupt()))
+  with pytest.raises(KeyboardInterrupt):
+    export.export(ssl_run, str(fresh), "monai")
+  assert os.listdir(fresh.parent) == []
+  before = out.read_bytes()
+  monkeypatch.setattr(torch, "save", interrupted(
+      OSError(errno.ENOSPC, "No space left on device")))
+  with pytest.raises(atomic_io.OutputError) as info:
+    export.export(ssl_run, str(out), "monai")
+  assert "No space left" in str(info.value)
+  assert f"the earlier {out} is unchanged" in str(info.value)
+  assert out.read_bytes() == before and os.listdir(out.parent) == [
+      "encoder.pt"]
+
+
+def test_corrupt_newest_checkpoint_gives_one_line_errors(ssl_run, tmp_path):
+  """export (CLI), predict and evaluate name the step and suggest --step."""
+  import ml_collections
+  import shutil
+  from bsf_jax import checkpointing, evaluate, predict
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ssl_run, workdir)
+  bad = _truncate_newest(workdir)
+  before = _digest(workdir)
+  out = tmp_path / "missing" / "folder" / "s1.pt"
+  cmd = [sys.executable, "-m", "bsf_jax.export", f"--workdir={workdir}"]
+  procs = [subprocess.Popen(cmd + extra, cwd=ROOT, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for extra in ([f"--out={tmp_path / 'x.pt'}"],
+                         [f"--out={out}", "--step=1"])]
+  (_, err), (ok, err_ok) = [p.communicate(timeout=300) for p in procs]
+  assert procs[0].returncode == 1
+  errors = [l for l in err.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, err[-3000:]
+  assert f"checkpoint step {bad} (" in errors[0], errors[0]
+  assert "--step (kept: [1])" in errors[0], errors[0]
+  assert procs[1].returncode == 0 and "step 1" in ok, err_ok[-3000:]
+  assert out.exists() and not (tmp_path / "x.pt").exists()
+  needle = f"checkpoint step {bad} ("
+  with pytest.raises(checkpointing.CheckpointError, match=re.escape(needle)):
+    predict._predict(workdir, "unused", str(tmp_path / "p"), "latest")
+  config = ml_collections.ConfigDict({"data": {"label_format": "brats2021"}})
+  with pytest.raises(checkpointing.CheckpointError, match="--step"):
+    evaluate.evaluate_run(workdir, config, str(tmp_path / "ev"), "latest")
+  assert _digest(workdir) == before  # Read-only tools move nothing.
+
+
+_AGREE = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    from bsf_jax import distributed
+    pid, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    cfg = distributed.default_config()
+    cfg.update(dict(coordinator_address=f"localhost:{port}", num_processes=2,
+                    process_id=pid, initialization_timeout=60))
+    distributed.initialize(cfg)
+    import grain, jax, jax.numpy as jnp
+    from jax.experimental import multihost_utils
+    from bsf_jax import checkpointing
+    sh = jax.sharding.NamedSharding(jax.make_mesh((4,), ("data",)),
+                                    jax.sharding.PartitionSpec("data"))
+    def data():
+      return iter(grain.MapDataset.range(100).seed(pid).shuffle().repeat()
+                  .to_iter_dataset())
+    manager = checkpointing.make_manager(workdir, async_save=False)
+    it = data()
+    for step in (1, 2):
+      next(it)
+      w = jax.make_array_from_callback(
+          (8,), sh, lambda idx: np.full((8,), step, np.float32)[idx])
+      checkpointing.save(manager, step, {"w": w}, it, {"contract": {}},
+                         force=True)
+    if pid == 1:  # A file of step 2 that only process 1 reads.
+      with open(os.path.join(workdir, "checkpoints", "2", "data",
+                             "process_1-of-2.json"), "w") as f:
+        f.write("{")
+    multihost_utils.sync_global_devices("cut")
+    abstract = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=sh)}
+    state, _, step = checkpointing.restore_newest(manager, abstract, data(), {})
+    print("RESTORED", step, float(state["w"].addressable_data(0)[0]),
+          sorted(manager.all_steps()), flush=True)
+    jax.distributed.shutdown()
+""")
+
+
+def test_processes_agree_on_the_fallback_step(tmp_path):
+  """Step 2 fails on process 1 only: both resume from step 1, no hang."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  workdir = str(tmp_path / "w")
+  env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  env.pop("SLURM_JOB_ID", None)
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _AGREE, str(i), str(port), workdir], env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+    assert "RESTORED 1 1.0 [1]" in log, log[-3000:]
+  assert "process_1-of-2.json) cannot be restored" in logs[1], logs[1][-3000:]
+  assert "failed to restore on another process" in logs[0], logs[0][-3000:]
+  assert os.listdir(os.path.join(workdir, "corrupt_checkpoints")) == ["2"]
