@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from bsf_jax import checkpointing, config_lib, metric_writers, optim
 from bsf_jax import sharding, train_state
 from bsf_jax import train_step as train_step_lib
-from bsf_jax import transfer
+from bsf_jax import transfer, workdir_lock
 from bsf_jax.data import pipeline
 
 
@@ -158,10 +158,19 @@ def build_model(config: ml_collections.ConfigDict, devices=None) -> Any:
 
 def run(config: ml_collections.ConfigDict, workdir: str, job: Job,
         mesh: jax.sharding.Mesh) -> Any:
-  """Trains `job` according to `config` on `mesh`; returns the final state."""
+  """Trains `job` according to `config` on `mesh`; returns the final state.
+
+  The run holds the workdir's lock throughout (workdir_lock.py): a second
+  run on the same workdir refuses before it reads or writes anything there.
+  """
   # Before anything touches the workdir: a bad config leaves a run intact.
   config_lib.validate(config)
+  with workdir_lock.hold(workdir):
+    return _run(config, workdir, job, mesh)
 
+
+def _run(config: ml_collections.ConfigDict, workdir: str, job: Job,
+         mesh: jax.sharding.Mesh) -> Any:
   # --- Data.
   data_sharding = sharding.data_sharding(mesh)
   global_batch = config.data.batch_size
@@ -181,11 +190,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job,
       best_mode=job.best_mode)
   contract = input_contract(config)
   meta = dict(contract=contract, inference=inference_settings(config))
-  step0 = manager.latest_step()
-  if step0 is not None:
-    saved = checkpointing.read_meta(manager, step0)
-    checkpointing.check_contract(saved.get("contract", {}), contract,
-                                 f"{manager.directory}/{step0}")
+  step0 = checkpointing.newest_step_checked(manager, contract)
 
   # --- Model, optimizer, sharded state created on device.
   num_steps = config.train.num_steps
@@ -202,7 +207,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job,
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         state, state_sharding)
-    state, _ = checkpointing.restore(manager, step0, abstract, train_iter)
+    # The newest step that restores; unreadable newer ones are moved aside.
+    state, _, step0 = checkpointing.restore_newest(manager, abstract,
+                                                   train_iter, contract)
     logging.info("Resumed from %s step %d", manager.directory, step0)
   elif config.init_from:
     params = transfer.load_into(
