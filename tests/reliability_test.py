@@ -235,8 +235,10 @@ def _params(workdir, step="latest"):
           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}, got
 
 
-def _kill_then_resume(cmd, workdir, xla_cache, tmp_path, at_step, sig):
-  """Runs `cmd`, sends `sig` once checkpoint `at_step` exists, reruns it."""
+def _kill_then_resume(cmd, workdir, xla_cache, tmp_path, at_step, sig,
+                      truncate=False):
+  """Runs `cmd`, sends `sig` once checkpoint `at_step` exists, reruns it
+  (after cutting the newest checkpoint's biggest file if `truncate`)."""
   log = str(tmp_path / f"{os.path.basename(workdir)}_1.log")
   proc = _start(cmd, xla_cache, log)
   try:
@@ -254,29 +256,51 @@ def _kill_then_resume(cmd, workdir, xla_cache, tmp_path, at_step, sig):
   interrupted_at = max(_steps(workdir))
   # Otherwise the run finished before the signal and nothing was tested.
   assert interrupted_at < NUM_STEPS, (interrupted_at, text[-3000:])
+  if truncate:
+    assert _truncate_newest(workdir) == interrupted_at
+    interrupted_at = _steps(workdir)[-2]  # Where the resume must start.
   log2 = str(tmp_path / f"{os.path.basename(workdir)}_2.log")
   return rc, text, interrupted_at, _start(cmd, xla_cache, log2), log2
 
 
 def test_exact_resume_after_sigkill_and_sigterm(cohort, xla_cache, tmp_path):
   """Killed at two steps (SIGKILL) and preempted once (SIGTERM): resumed
-  runs end bit-identical to an uninterrupted one."""
+  runs end bit-identical to an uninterrupted one. One killed run also finds
+  its newest checkpoint truncated and resumes from the step before. A second
+  run started on the reference's workdir refuses, and the reference ends
+  unharmed."""
+  from bsf_jax import workdir_lock
   datalist = cohort["ukb"]["datalist"]
   ref = str(tmp_path / "ref")
-  rc, text = _finish(_start(_train_cmd(ref, datalist), xla_cache,
-                            str(tmp_path / "ref.log")), str(tmp_path / "ref.log"))
+  ref_proc = _start(_train_cmd(ref, datalist), xla_cache,
+                    str(tmp_path / "ref.log"))
+  deadline = time.monotonic() + 300
+  while not os.path.exists(workdir_lock.lock_path(ref)):
+    assert ref_proc.poll() is None and time.monotonic() < deadline
+    time.sleep(0.05)
+  second = _start(_train_cmd(ref, datalist), xla_cache,
+                  str(tmp_path / "second.log"))
+  rc, text = _finish(second, str(tmp_path / "second.log"))
+  assert rc == 1, text[-3000:]
+  refusal = [l for l in text.splitlines() if l.startswith("error:")]
+  assert len(refusal) == 1 and "is in use by another run" in refusal[0], text
+  assert f"PID {ref_proc.pid}" in refusal[0], refusal
+  rc, text = _finish(ref_proc, str(tmp_path / "ref.log"))
   assert rc == 0, text[-3000:]
   expected, step = _params(ref)
   assert step == NUM_STEPS
+  assert not os.path.exists(workdir_lock.lock_path(ref))  # Released.
 
   # The three interrupted runs go side by side; each reuses the cache.
-  cases = {"kill2": (2, signal.SIGKILL), "kill5": (5, signal.SIGKILL),
-           "term3": (3, signal.SIGTERM)}
+  cases = {"kill2": (2, signal.SIGKILL, False),
+           "kill5": (5, signal.SIGKILL, True),
+           "term3": (3, signal.SIGTERM, False)}
   resumed = {}
-  for name, (at, sig) in cases.items():
+  for name, (at, sig, truncate) in cases.items():
     workdir = str(tmp_path / name)
     rc, text, interrupted_at, proc, log = _kill_then_resume(
-        _train_cmd(workdir, datalist), workdir, xla_cache, tmp_path, at, sig)
+        _train_cmd(workdir, datalist), workdir, xla_cache, tmp_path, at, sig,
+        truncate)
     if sig == signal.SIGKILL:
       assert rc == -signal.SIGKILL, text[-3000:]
     else:
@@ -289,6 +313,14 @@ def test_exact_resume_after_sigkill_and_sigterm(cohort, xla_cache, tmp_path):
     assert rc == 0, (name, text[-3000:])
     assert f"Resumed from" in text and f"step {interrupted_at}" in text, (
         name, text[-3000:])
+    # A killed run leaves its lock; the restart sees the PID gone.
+    assert ("Took over the stale lock" in text) == (name != "term3"), name
+    if cases[name][2]:
+      # The cut step is reported in one line and moved aside, not deleted.
+      aside = os.listdir(os.path.join(workdir, "corrupt_checkpoints"))
+      assert len(aside) == 1 and int(aside[0]) > interrupted_at, aside
+      assert f"checkpoint step {aside[0]} (" in text and (
+          "cannot be restored" in text), text[-3000:]
     got, step = _params(workdir)
     assert step == NUM_STEPS
     assert got.keys() == expected.keys()
