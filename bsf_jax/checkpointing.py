@@ -216,6 +216,7 @@ def _culprit(step_dir: str, error: BaseException) -> str:
                   r'"([^"]+)"', text)
     if m:  # The array's key inside the step's state directory.
       return f"{m.group(2).rstrip('/')} (array {m.group(1)})"
+  for text in chain:
     m = re.search(r"(/\S+)", text)
     if m and m.group(1).startswith(step_dir):
       return m.group(1).rstrip(".,:'\"")

@@ -37,6 +37,10 @@ import sys
 import time
 from typing import Any, Iterator
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 LOCK_NAME = "run.lock"
 
 
@@ -213,10 +217,6 @@ def hold(workdir: str) -> Iterator[Lock | None]:
   A workdir that this creates and that holds nothing when the body fails is
   removed again, so a run that fails its start-up checks leaves no trace.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
   created = not os.path.isdir(workdir)
   lock, error = None, None
   if jax.process_index() == 0:
