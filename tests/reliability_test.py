@@ -1,12 +1,17 @@
-"""Reliability of the main job (issue 7, items 1-3 and 6), on the CPU.
+"""Reliability of the main job on the CPU (docs/reliability.md).
 
 - Checkpoint safety: SIGKILL during an asynchronous save loses at most that
   save; the next start restores the last complete step.
 - Exact resume: a run killed (SIGKILL at two points, SIGTERM once) and
-  restarted with the same command ends bit-identical to an uninterrupted run.
+  restarted with the same command ends bit-identical to an uninterrupted run,
+  also when its newest checkpoint was truncated in between; a second run on
+  a workdir in use refuses.
 - Non-finite guard: a NaN batch is skipped (params untouched, counted,
   logged) or halts the run with the last good checkpoint intact.
 - A killed Grain worker gives an error within a bounded time, not a hang.
+- Cluster faults: the workdir lock, the SLURM script's requeue (fake
+  `srun`/`scontrol`), atomic exports, one-line errors for corrupt steps, and
+  two processes agreeing on the step they fall back to.
 
 Training runs are real `python -m bsf_jax.main` subprocesses of the tiny
 `runlocal` stage-1 model. They share one persistent XLA compilation cache so
