@@ -233,7 +233,8 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
   config.optim.warmup_steps = 1
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict,
+             inference_devices: int | None = None) -> None:
   """Rejects a training config that would fail later with an obscure error.
 
   Checked before the workdir is touched, so a bad config never disturbs an
@@ -241,6 +242,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   Args:
     config: a stage config (trainer "pretrain" or "finetune").
+    inference_devices: devices of one process that split a validation
+      volume's sliding windows (fine-tuning); None = not checked.
 
   Raises:
     ValueError: listing every problem found.
@@ -275,6 +278,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.data.roi={roi}: the SSL head reads bottleneck tokens 0 and 1, "
         f"so the roi needs >= 2 bottleneck tokens (one dim >= {2 * multiple})")
   problems.extend(_model_choice_problems(config.model))
+  seg = config.get("seg")
+  if (inference_devices and config.trainer == "finetune" and seg is not None
+      and seg.sw_batch_size % inference_devices):
+    problems.append(
+        f"config.seg.sw_batch_size={seg.sw_batch_size} must be divisible by "
+        f"the {inference_devices} devices of each process, which split every "
+        "validation volume's windows (the inference mesh's data axis)")
   if config.train.nonfinite not in ("skip", "halt"):
     problems.append(f"config.train.nonfinite={config.train.nonfinite!r}: "
                     "expected 'skip' or 'halt'")

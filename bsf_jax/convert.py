@@ -33,7 +33,6 @@ import numpy as np
 from bsf_jax import models
 from bsf_jax.models.swin import relative_position_index
 
-KINDS = ("swin_unetr", "ssl_head", "encoder")
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 _INDEX_KEY = "relative_position_index"
@@ -99,8 +98,8 @@ def _strip_params(params: Mapping) -> Mapping:
 
 
 def _check_kind(kind: str, top: set[str]) -> None:
-  if kind not in KINDS:
-    raise ValueError(f"unknown kind {kind!r}; use one of {KINDS}")
+  if kind not in models.KINDS:
+    raise ValueError(f"unknown kind {kind!r}; use one of {models.KINDS}")
   marker = {"swin_unetr": "encoder1", "ssl_head": "rotation_head", "encoder": "patch_embed"}[kind]
   if marker not in top:
     raise ConversionError(f"params do not look like kind {kind!r} (no {marker!r}; top-level: {sorted(top)})")
@@ -241,12 +240,12 @@ def model_kwargs_from_state_dict(sd: Mapping[str, Any], kind: str) -> dict:
     kind: "swin_unetr", "ssl_head" or "encoder".
 
   Returns:
-    kwargs for `build_model(kind, **kwargs)`: in_channels, feature_size,
+    kwargs for `models.build(kind, **kwargs)`: in_channels, feature_size,
     depths, num_heads, window_size, patch_size, mlp_ratio, qkv_bias, and
     out_channels (swin_unetr) or rotation_classes/contrastive_dim (ssl_head).
   """
-  if kind not in KINDS:
-    raise ValueError(f"unknown kind {kind!r}; use one of {KINDS}")
+  if kind not in models.KINDS:
+    raise ValueError(f"unknown kind {kind!r}; use one of {models.KINDS}")
   sd = normalize_keys(sd)
   pre = "" if kind == "encoder" else "swinViT."
 
@@ -277,20 +276,6 @@ def model_kwargs_from_state_dict(sd: Mapping[str, Any], kind: str) -> dict:
     kwargs["rotation_classes"] = int(get("rotation_head.weight")[0])
     kwargs["contrastive_dim"] = int(get("contrastive_head.weight")[0])
   return kwargs
-
-
-def build_model(kind: str, **kwargs):
-  """The Flax module for `kind` ("swin_unetr", "ssl_head", "encoder") built from kwargs.
-
-  kwargs are the model constructor's (MONAI) keywords, e.g. from
-  `model_kwargs_from_state_dict`; impl defaults to "auto".
-  """
-  cls = {"swin_unetr": models.SwinUNETR, "ssl_head": models.SSLHead,
-         "encoder": models.SwinTransformer}.get(kind)
-  if cls is None:
-    raise ValueError(f"unknown kind {kind!r}; use one of {KINDS}")
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-  return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------- encoder transfer
@@ -390,7 +375,7 @@ def save_params(directory: str, params: Mapping, kind: str, model_kwargs: Mappin
     directory: output directory (created).
     params: model params.
     kind: model kind.
-    model_kwargs: JSON-serialisable kwargs for `build_model(kind, **model_kwargs)`.
+    model_kwargs: JSON-serialisable kwargs for `models.build(kind, **model_kwargs)`.
     force: overwrite an existing checkpoint.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -409,7 +394,7 @@ def load_params(directory: str):
   """Load a checkpoint written by `save_params`.
 
   Returns:
-    (params, kind, model_kwargs); `build_model(kind, **model_kwargs)` gives the module.
+    (params, kind, model_kwargs); `models.build(kind, **model_kwargs)` gives the module.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
@@ -419,7 +404,7 @@ def load_params(directory: str):
   with open(cfg_path) as f:
     cfg = json.load(f)
   kind, kwargs = cfg["kind"], cfg["model_kwargs"]
-  model = build_model(kind, **kwargs)
+  model = models.build(kind, **kwargs)
   target = {"params": abstract_params(model)}
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(os.path.join(directory, PARAMS_DIR), target)
@@ -445,7 +430,7 @@ def main(argv=None) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--from", dest="src", required=True, help="torch/safetensors file or bsf_jax checkpoint dir")
   p.add_argument("--to", dest="dst", required=True, help="checkpoint dir, or .pt/.pth/.safetensors file")
-  p.add_argument("--kind", choices=KINDS, help="model kind (torch -> jax; read from the config otherwise)")
+  p.add_argument("--kind", choices=models.KINDS, help="model kind (torch -> jax; read from the config otherwise)")
   p.add_argument("--in_channels", type=int)
   p.add_argument("--out_channels", type=int)
   p.add_argument("--feature_size", type=int)
@@ -466,7 +451,7 @@ def main(argv=None) -> None:
   sd = normalize_keys(load_torch_file(args.src))
   kwargs = model_kwargs_from_state_dict(sd, args.kind)
   kwargs.update(_overrides(args))
-  model = build_model(args.kind, **kwargs)
+  model = models.build(args.kind, **kwargs)
   params = params_from_torch(sd, args.kind, model)
   save_params(args.dst, params, args.kind, kwargs, force=args.force)
   print(f"wrote {args.kind} {kwargs} -> {args.dst}")

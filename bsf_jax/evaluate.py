@@ -28,7 +28,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from bsf_jax import atomic_io, checkpointing, metrics
+from bsf_jax import atomic_io, checkpointing, inference, metrics, models
+from bsf_jax import contract as contract_lib
 from bsf_jax.data import labels
 from bsf_jax.data import pipeline
 
@@ -39,7 +40,6 @@ CONVENTION_NAMES = {
     "atlas": "ATLAS R2.0 challenge scoring",
     "isles22": "ISLES'22 challenge scoring",
 }
-from bsf_jax.trainers import finetune, loop
 
 
 def evaluate_run(run_dir: str, config: ml_collections.ConfigDict,
@@ -53,18 +53,18 @@ def evaluate_run(run_dir: str, config: ml_collections.ConfigDict,
   params, meta, step = checkpointing.restore_params(
       run_dir, which, metric="val_dice_mean", mode="max")
   checkpointing.check_contract(meta.get("contract", {}),
-                               loop.input_contract(config), run_dir)
-  model = loop.build_model(config)
-  predict = finetune.make_predict_volume(model, config)
+                               contract_lib.input_contract(config), run_dir)
+  model = models.from_config(config)
+  predict = inference.make_volume_predictor(model, config)
   rows, figure_item = [], None
   for item in pipeline.make_eval_iter(config.data, task="seg"):
     if not bool(item.get("mask", True)):
       continue
     probs = np.asarray(predict(params, jnp.asarray(item["image"])))
     if convention == "monai":
-      scores = finetune.volume_metrics(probs, np.asarray(item["label"]),
-                                       config.data.label_format,
-                                       config.seg.threshold)
+      scores = metrics.volume_metrics(probs, np.asarray(item["label"]),
+                                      config.data.label_format,
+                                      config.seg.threshold)
     else:
       spacing = np.linalg.norm(np.asarray(item["affine"])[:3, :3], axis=0)
       scores = metrics.score_regions(

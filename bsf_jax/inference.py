@@ -22,6 +22,10 @@ Typical use with a Flax model (params are traced arguments, not constants):
   logits = sliding_window_inference(
       x, (96, 96, 96), model.apply, overlap=0.5, mode="gaussian",
       sw_batch_size=4, predictor_args=({"params": params},))
+
+`make_volume_predictor(model, config)` wraps it as a run's config sets it
+(`config.seg`), the one whole-volume prediction of validation, `predict` and
+`evaluate`.
 """
 
 from __future__ import annotations
@@ -352,3 +356,26 @@ def _sliding_window_jit(x, predictor_args, *, roi_size, predictor, overlap,
 
   crop = tuple(slice(p[0], p[0] + s) for p, s in zip(pads, orig_size))
   return out[(slice(None), *crop, slice(None))]
+
+
+def make_volume_predictor(model, config, mesh=None):
+  """Returns `predict(params, image [H,W,D,C]) -> probabilities [H,W,D,K]`.
+
+  Args:
+    model: a segmentation module (`models.from_config`).
+    config: the run's config: `data.roi` and the `seg.sw_*` settings.
+    mesh: optional mesh whose data axis splits each step's windows
+      (`sharding.process_local_mesh`).
+  """
+  seg = config.seg
+
+  @jax.jit
+  def probabilities(params, image):
+    logits = sliding_window_inference(
+        image[None], tuple(config.data.roi), model.apply,
+        overlap=seg.sw_overlap, mode=seg.sw_mode,
+        sw_batch_size=seg.sw_batch_size, predictor_args=({"params": params},),
+        mesh=mesh)
+    return jax.nn.sigmoid(logits[0])
+
+  return probabilities

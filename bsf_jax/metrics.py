@@ -20,6 +20,8 @@ metrics (MONAI uses [B, K, *spatial]; only the layout differs).
   (`CONVENTIONS`) to every region. docs/evaluation.md has the sources.
 * `brats_region_dice` / `channels_to_labels` handle the overlapping
   BraTS regions TC, WT, ET (SPEC section 5).
+* `volume_metrics` / `mean_volume_metrics` are validation's per-volume scores
+  and their mean over the volumes of every process.
 * `binarize` is the one probability -> mask rule of the package (validation,
   evaluation, figures, prediction): `p >= threshold`, as MONAI
   `AsDiscrete(threshold=0.5)` in the BraTS reference pipelines.
@@ -29,9 +31,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from scipy import ndimage
 
 REDUCTIONS = ("none", "mean", "sum", "mean_batch", "sum_batch", "mean_channel",
@@ -534,3 +539,65 @@ def score_regions(pred, gt, regions: Sequence[str], convention: str,
   finite = [v for v in ranked if not np.isnan(v)]
   out["dice_mean"] = float(np.mean(finite)) if finite else float("nan")
   return out
+
+
+def volume_metrics(probs: np.ndarray, label: np.ndarray, label_format: str,
+                   threshold: float = THRESHOLD) -> dict[str, float]:
+  """Per-volume validation scores from probabilities [H,W,D,K].
+
+  BraTS conventions: `dice_TC`, `dice_WT`, `dice_ET`, `dice_mean`; otherwise
+  (ATLAS, one lesion channel) `atlas_*` and `dice_mean` = `atlas_dice`.
+  """
+  pred = binarize(probs, threshold)
+  gt = binarize(label)
+  if label_format.startswith("brats"):  # any BraTS convention: TC/WT/ET
+    return {f"dice_{k}": float(v) for k, v in
+            brats_region_dice(pred, gt).items()}
+  result = atlas_metrics(pred[..., 0], gt[..., 0])
+  out = {f"atlas_{k}": float(v) for k, v in result.items()}
+  out["dice_mean"] = out["atlas_dice"]
+  return out
+
+
+def volume_metric_keys(label_format: str, channels: int) -> list[str]:
+  """The names `volume_metrics` returns for these labels, sorted."""
+  zeros = np.zeros((2, 2, 2, channels), np.float32)
+  return sorted(volume_metrics(zeros, zeros, label_format))
+
+
+def mean_volume_metrics(per_volume: list[dict[str, float] | None],
+                        keys: list[str]) -> dict[str, float]:
+  """`val_*` means over the real volumes of every process.
+
+  Each process scores its own volumes (the eval pipeline gives every process
+  the same number of items, padding included); their rows are all-gathered,
+  so every process averages the same set and ranks checkpoints alike.
+
+  Args:
+    per_volume: this process's items in order, `volume_metrics` dicts, None
+      for padding placeholders.
+    keys: `volume_metric_keys(...)`.
+
+  Returns:
+    {"val_<key>": mean}. NaN entries (a volume without ET, say) are skipped,
+    as MONAI's DiceMetric(ignore_empty=True) skips them.
+
+  Raises:
+    ValueError: no process had a real volume.
+  """
+  rows = np.full((len(per_volume), len(keys) + 1), np.nan, np.float64)
+  for i, m in enumerate(per_volume):
+    rows[i, 0] = m is not None
+    if m is not None:
+      rows[i, 1:] = [m[k] for k in keys]
+  if jax.process_count() > 1:
+    rows = np.asarray(multihost_utils.process_allgather(rows)).reshape(
+        -1, len(keys) + 1)
+  real = rows[rows[:, 0] == 1, 1:]
+  if not len(real):
+    raise ValueError("The validation split is empty: check config.data "
+                     "(fold / datalist)")
+  with warnings.catch_warnings():  # all-NaN columns give NaN, quietly
+    warnings.simplefilter("ignore", RuntimeWarning)
+    means = np.nanmean(real, axis=0)
+  return {f"val_{k}": float(v) for k, v in zip(keys, means)}

@@ -40,11 +40,12 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from bsf_jax import atomic_io, checkpointing, config_lib, metrics
+from bsf_jax import atomic_io, checkpointing, config_lib, inference, metrics
+from bsf_jax import contract as contract_lib
+from bsf_jax import models
 from bsf_jax.data import io as data_io
 from bsf_jax.data import labels as labels_lib
 from bsf_jax.data import transforms
-from bsf_jax.trainers import finetune, loop
 
 # File-name patterns of each modality in the supported layouts.
 _MODALITY_PATTERNS = {
@@ -156,17 +157,17 @@ def resolve_inference_settings(meta: dict,
                                overrides: dict) -> tuple[dict, str]:
   """The `config.seg` inference fields to predict with, and their source.
 
-  The checkpoint's recorded settings (`loop.inference_settings`), else the
+  The checkpoint's recorded settings (`contract.inference_settings`), else the
   defaults for checkpoints written before they were recorded; then any
   non-None override.
   """
   defaults = config_lib.seg_config()
-  settings = {k: defaults[k] for k in loop.INFERENCE_KEYS}
+  settings = {k: defaults[k] for k in contract_lib.INFERENCE_KEYS}
   recorded = meta.get("inference")
   if recorded is None:
     source = "defaults (the checkpoint predates recorded inference settings)"
   else:
-    settings.update({k: recorded[k] for k in loop.INFERENCE_KEYS
+    settings.update({k: recorded[k] for k in contract_lib.INFERENCE_KEYS
                      if k in recorded})
     source = "checkpoint"
   given = {k: v for k, v in overrides.items() if v is not None}
@@ -217,8 +218,8 @@ def _predict(checkpoint: str, inputs: str, output: str, which: str,
   settings, settings_source = resolve_inference_settings(meta,
                                                          overrides or {})
   config.seg.update(settings)
-  model = loop.build_model(config)
-  predict = finetune.make_predict_volume(model, config)
+  model = models.from_config(config)
+  predict = inference.make_volume_predictor(model, config)
   intensity = transforms.Intensity(**{
       k: contract["intensity"][k] for k in ("kind", "a_min", "a_max")
       if k in contract["intensity"]})

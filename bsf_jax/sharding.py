@@ -122,6 +122,19 @@ def gather_params(params: Any, specs: Any) -> Any:
   return jax.tree.map(gather, params, specs)
 
 
+def process_local_mesh(mesh: Mesh) -> Mesh:
+  """This process's devices of `mesh`, as a data-only mesh.
+
+  Fine-tuning's validation: each process predicts its own volumes, their
+  sliding windows split over its devices (so `seg.sw_batch_size` must divide
+  their number; `config_lib.validate` checks it).
+  """
+  local = [d for d in mesh.devices.flat
+           if d.process_index == jax.process_index()]
+  return create_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}),
+                     devices=local)
+
+
 def data_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of a batch: leading dim split over all devices."""
   return NamedSharding(mesh, P(DATA_AXES))

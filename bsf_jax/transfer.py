@@ -63,7 +63,9 @@ def load_torch_params(path: str) -> dict[str, Any]:
   (`model_swinvit.pt`, or our `swinViT.*` export of an SSL run) has only the
   Swin transformer. The architecture is inferred from the shapes.
   """
+  # pylint: disable=g-import-not-at-top
   from bsf_jax import convert  # Needs torch or safetensors: lazy.
+  from bsf_jax import models
 
   state_dict = convert.normalize_keys(convert.load_torch_file(path))
   if "rotation_head.weight" in state_dict:
@@ -74,7 +76,7 @@ def load_torch_params(path: str) -> dict[str, Any]:
     kind = "encoder"
     state_dict = convert.encoder_state_dict(state_dict)
   kwargs = convert.model_kwargs_from_state_dict(state_dict, kind)
-  model = convert.build_model(kind, **kwargs)
+  model = models.build(kind, **kwargs)
   params = convert.params_from_torch(state_dict, kind, model)
   logging.info("init_from: %s read as %s %s", path, kind, kwargs)
   return {"swinViT": params} if kind == "encoder" else params

@@ -305,13 +305,13 @@ def _zero_state(config):
   eval_shape: the structure is the real one and nothing is compiled.
   """
   import jax
-  from bsf_jax import optim, sharding, train_state
-  from bsf_jax.trainers import loop
+  from bsf_jax import contract as contract_lib
+  from bsf_jax import models, optim, sharding, train_state
   mesh = sharding.create_mesh(config.mesh)
-  model = loop.build_model(config)
+  model = models.from_config(config)
   optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
   shape = (config.data.batch_size, *config.data.roi,
-           loop.model_in_channels(config))
+           contract_lib.in_channels(config))
   abstract = jax.eval_shape(lambda key: train_state.create_train_state(
       model, optimizer, key, shape, mesh, fsdp=False)[0], jax.random.key(0))
   return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
@@ -321,7 +321,7 @@ def _zero_state(config):
 def run(tmp_path_factory):
   """A workdir with a checkpoint at step 1, saved as the loop saves it."""
   from bsf_jax import checkpointing, config_lib
-  from bsf_jax.trainers import loop
+  from bsf_jax import contract as contract_lib
   tmp = tmp_path_factory.mktemp("ckpt")
   config = _stage1(_ukb(tmp))
   it = pipeline.make_train_iter(config.data, task="ssl", seed=config.seed)
@@ -329,7 +329,7 @@ def run(tmp_path_factory):
   workdir = str(tmp / "run")
   manager = checkpointing.make_manager(workdir)
   checkpointing.save(manager, 1, _zero_state(config), it,
-                     dict(contract=loop.input_contract(config)), force=True)
+                     dict(contract=contract_lib.input_contract(config)), force=True)
   manager.wait_until_finished()
   manager.close()
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -411,14 +411,13 @@ def test_ckpt_truncated_array_file(run, tmp_path):
 def _load_into_fails(run, exc, source, *needles, **overrides):
   """`transfer.load_into` (what the loop calls for config.init_from) into a
   model built from the changed config; `run` stays intact."""
-  from bsf_jax import transfer
-  from bsf_jax.trainers import loop
+  from bsf_jax import models, transfer
   before = _digest(run["workdir"])
   config = _stage1(run["datalist"], **overrides)
   config.init_from = source
   params = _zero_state(config).params
   with pytest.raises(exc) as info:
-    transfer.load_into(config, loop.build_model(config), params)
+    transfer.load_into(config, models.from_config(config), params)
   for needle in needles:
     assert needle in str(info.value), str(info.value)
   assert _digest(run["workdir"]) == before

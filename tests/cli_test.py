@@ -320,3 +320,13 @@ def test_report_collects_runs(run, evaluated, tmp_path):
   assert result.returncode == 1
   assert "evaluation.json" in result.stderr and "bsf_jax.evaluate" in (
       result.stderr)
+
+
+def test_predict_and_evaluate_import_nothing_from_the_trainers():
+  # Inference tools stand below training: predicting on a new subject must
+  # not pull in (or break with) trainer code.
+  code = ("import sys, bsf_jax.predict, bsf_jax.evaluate, bsf_jax.export; "
+          "print(sorted(m for m in sys.modules if m.startswith('bsf_jax.trainers')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, check=True, cwd=ROOT)
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr

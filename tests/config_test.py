@@ -112,3 +112,13 @@ def test_model_choices_are_validated(key, value, message):
   config.model[key] = value
   with pytest.raises(ValueError, match=message):
     config_lib.validate(config)
+
+
+def test_sw_batch_size_must_split_over_each_processes_devices():
+  config = load("stage3", "dataset=brats2021,runlocal")
+  config.seg.sw_batch_size = 3
+  with pytest.raises(ValueError, match=r"sw_batch_size=3 must be divisible by "
+                     r"the 2 devices of each process"):
+    config_lib.validate(config, inference_devices=2)
+  config_lib.validate(config, inference_devices=3)
+  config_lib.validate(config)  # not checked without a device count

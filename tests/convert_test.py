@@ -41,7 +41,7 @@ def _assert_same_state_dict(a, b):
 @pytest.mark.parametrize("kind", ["swin_unetr", "ssl_head"])
 def test_round_trip_is_exact(kind):
   sd = _torch_swin_unetr().state_dict() if kind == "swin_unetr" else _ssl_state_dict()
-  model = convert.build_model(kind, **convert.model_kwargs_from_state_dict(sd, kind))
+  model = models.build(kind, **convert.model_kwargs_from_state_dict(sd, kind))
   params = convert.params_from_torch(sd, kind, model)
   _assert_same_state_dict(convert.params_to_torch(params, kind), sd)
 
@@ -57,7 +57,7 @@ def test_inference_of_architecture():
 
 def test_strict_errors_name_every_problem():
   sd = dict(_torch_swin_unetr().state_dict())
-  model = convert.build_model("swin_unetr", **convert.model_kwargs_from_state_dict(sd, "swin_unetr"))
+  model = models.build("swin_unetr", **convert.model_kwargs_from_state_dict(sd, "swin_unetr"))
   del sd["decoder1.transp_conv.conv.weight"]
   sd["extra.weight"] = torch.zeros(1)
   sd["out.conv.conv.bias"] = torch.zeros(7)
@@ -83,7 +83,7 @@ def test_bsf_checkpoint_format_and_encoder_transfer(tmp_path):
   assert all(k.startswith("module.") for k in raw["state_dict"])
   loaded = convert.load_torch_file(path)
   kwargs = convert.model_kwargs_from_state_dict(loaded, "ssl_head")
-  ssl = convert.build_model("ssl_head", **kwargs)
+  ssl = models.build("ssl_head", **kwargs)
   ssl_params = convert.params_from_torch(loaded, "ssl_head", ssl)
 
   # Fine-tuning start: the SSL encoder goes into a SwinUNETR with the same encoder.
@@ -108,7 +108,7 @@ def test_original_model_swinvit_format(tmp_path):
   torch.save({"state_dict": old}, path)
   sd = convert.load_torch_file(path)
   kwargs = convert.model_kwargs_from_state_dict(sd, "encoder")
-  encoder = convert.build_model("encoder", **kwargs)
+  encoder = models.build("encoder", **kwargs)
   params = convert.params_from_torch(sd, "encoder", encoder)
   _assert_same_state_dict(convert.params_to_torch(params, "encoder"), enc)
   seg = models.SwinUNETR(in_channels=2, out_channels=3, feature_size=F)

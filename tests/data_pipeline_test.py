@@ -8,6 +8,7 @@ import psutil
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bsf_jax import contract as contract_lib
 from bsf_jax.data import DataError
 from bsf_jax.data import datalists
 from bsf_jax.data import demo
@@ -119,7 +120,7 @@ def test_to_global_batch_on_8_devices(cohort):
 
 
 def test_input_contract(cohort):
-  contract = pipeline.input_contract(_cfg(cohort, "brats", intensity="ct_window"))
+  contract = contract_lib.data_contract(_cfg(cohort, "brats", intensity="ct_window"))
   assert contract["modalities"] == ["flair", "t1ce", "t1", "t2"]
   assert contract["orientation"] == "RAS" and contract["roi"] == list(ROI)
   assert contract["intensity"] == {"kind": "ct_window", "a_min": -1000.0, "a_max": 1000.0,

@@ -88,13 +88,22 @@ def test_pretrain_resume_transfer_finetune_export(cohort, tmp_path, caplog):
       state.params["swinViT"]["patch_embed"]["proj"]["kernel"]))
   assert kernel.shape[-2] == 4
 
-  # Stage 3 from stage 2, then export to MONAI and load strictly.
+  # Stage 3 from stage 2 under FSDP (init_from lands in sharded params),
+  # then export to MONAI and load strictly.
   s3 = str(tmp_path / "s3")
   config = _tiny(load_config("stage3", "dataset=brats2021,runlocal=True"), brats, 2)
   config.init_from = s2
   config.train.eval_every = 0
   config.data.num_samples = 1
+  config.mesh.update(num_devices=2, data=1, fsdp=2)
   state = finetune.train_and_evaluate(config, s3)
+  decoder = state.params["decoder5"]["conv_block"]["conv1"]["kernel"]
+  assert "fsdp" in str(decoder.sharding.spec), decoder.sharding
+  # Two AdamW steps move each weight by about 2 lr: stage 2's encoder
+  # arrived (a fresh init would be O(0.1) away).
+  moved = np.abs(np.asarray(jax.device_get(
+      state.params["swinViT"]["patch_embed"]["proj"]["kernel"])) - kernel)
+  assert moved.max() <= 3 * 2 * config.optim.lr, moved.max()
 
   torch = pytest.importorskip("torch")
   monai_nets = pytest.importorskip("monai.networks.nets")
@@ -110,8 +119,8 @@ def test_pretrain_resume_transfer_finetune_export(cohort, tmp_path, caplog):
   net.eval()
   # 64^3: at 32^3 MONAI's InstanceNorm rejects the 1^3 bottleneck.
   x = np.random.default_rng(0).normal(size=(1, 64, 64, 64, 4)).astype(np.float32)
-  from bsf_jax.trainers import loop
-  model = loop.build_model(config)
+  from bsf_jax import models
+  model = models.from_config(config)
   ours = np.asarray(model.apply({"params": jax.device_get(state.params)}, x))
   with torch.no_grad():
     theirs = net(torch.from_numpy(x).permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1).numpy()

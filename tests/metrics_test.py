@@ -370,7 +370,6 @@ def test_brats_region_dice_hand_built():
 def test_one_threshold_at_exactly_half():
   from monai.transforms import AsDiscrete
   from bsf_jax import config_lib
-  from bsf_jax.trainers import finetune
 
   p = np.array([0.0, 0.4999999, 0.5, 0.5000001, 1.0], np.float32)
   want = np.array([False, False, True, True, True])
@@ -391,8 +390,8 @@ def test_one_threshold_at_exactly_half():
   labels = metrics.channels_to_labels(probs, B21)
   np.testing.assert_array_equal(labels, np.where(gt[..., 0] > 0, 4, 0))
   assert metrics.brats_region_dice(probs, gt)["mean"] == 1.0
-  scores = finetune.volume_metrics(probs, gt, "brats", metrics.THRESHOLD)
+  scores = metrics.volume_metrics(probs, gt, "brats", metrics.THRESHOLD)
   assert scores["dice_TC"] == scores["dice_WT"] == scores["dice_ET"] == 1.0
-  atlas = finetune.volume_metrics(probs[..., :1], gt[..., :1], "atlas",
+  atlas = metrics.volume_metrics(probs[..., :1], gt[..., :1], "atlas",
                                   metrics.THRESHOLD)
   assert atlas["atlas_dice"] == 1.0 and atlas["atlas_lesion_f1"] == 1.0

@@ -120,7 +120,7 @@ def _check_swin_unetr(tm, model, params, shape, label):
 def test_swin_unetr_monai_to_jax_cubic(impl):
   tm = _monai_swin_unetr(0)
   kwargs = convert.model_kwargs_from_state_dict(tm.state_dict(), "swin_unetr")
-  model = convert.build_model("swin_unetr", impl=impl, **kwargs)
+  model = models.build("swin_unetr", impl=impl, **kwargs)
   params = convert.params_from_torch(tm.state_dict(), "swin_unetr", model)
   _check_swin_unetr(tm, model, params, (64, 64, 64), f"SwinUNETR MONAI->JAX {impl}")
 
@@ -147,7 +147,7 @@ def _check_ssl(tm, model, params, shape, label):
 def test_ssl_head_torch_to_jax_cubic(impl):
   tm = _ssl_reference(2)
   kwargs = convert.model_kwargs_from_state_dict(tm.state_dict(), "ssl_head")
-  model = convert.build_model("ssl_head", impl=impl, **kwargs)
+  model = models.build("ssl_head", impl=impl, **kwargs)
   params = convert.params_from_torch(tm.state_dict(), "ssl_head", model)
   _check_ssl(tm, model, params, (64, 64, 64), f"SSLHead torch->JAX {impl}")
 

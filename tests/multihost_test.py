@@ -5,6 +5,9 @@ The test starts this file twice as a worker (`python multihost_test.py worker
 by `jax.distributed.initialize` into one 4-device mesh. Each process feeds
 only its own half of the global batch. After 2 steps both must hold identical
 parameters, equal to a single-process run on 4 devices with the whole batch.
+Then each process scores its own share of fine-tuning validation volumes
+(every other one, padded as `make_eval_iter` pads), and both must report the
+mean metrics of all volumes, as one process scoring them all does.
 
 Also unit tests for `distributed.resolve` (SLURM auto-detection rules) that
 need no processes.
@@ -57,6 +60,34 @@ def _train(mesh):
   return out
 
 
+N_VOLUMES = 5
+
+
+def _seg_config():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict({
+      "model": {"out_channels": 3}, "data": {"label_format": "brats2021"},
+      "seg": {"threshold": 0.5}})
+
+
+def _validate(process_id, process_count):
+  """This process's share of the volumes -> the gathered val_* means."""
+  from bsf_jax import metrics  # pylint: disable=g-import-not-at-top
+  config = _seg_config()
+  rng = np.random.default_rng(0)
+  volumes = [(rng.uniform(size=(8, 8, 8, 3)),
+              (rng.uniform(size=(8, 8, 8, 3)) > 0.6).astype(np.float32))
+             for _ in range(N_VOLUMES)]
+  volumes[1][1][..., 2] = 0  # no ET: an undefined ET Dice, skipped
+  padded = volumes + [None] * (-len(volumes) % process_count)
+  per_volume = [None if v is None else metrics.volume_metrics(
+      v[0], v[1], config.data.label_format, config.seg.threshold)
+                for v in padded[process_id::process_count]]
+  return metrics.mean_volume_metrics(per_volume,
+                                      metrics.volume_metric_keys(
+      config.data.label_format, config.model.out_channels))
+
+
 def _worker(process_id, port, out_path):
   """Entry point of one process of the 2-process job."""
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -73,7 +104,9 @@ def _worker(process_id, port, out_path):
       jax.process_count(), jax.devices())
   mesh = sharding.create_mesh(ml_collections.ConfigDict({"data": -1,
                                                          "fsdp": 1}))
-  np.savez(out_path, **_train(mesh))
+  out = _train(mesh)
+  out.update(_validate(process_id, 2))
+  np.savez(out_path, **out)
   jax.distributed.shutdown()
 
 
@@ -129,6 +162,10 @@ def test_two_processes_end_with_identical_params(tmp_path):
       ml_collections.ConfigDict({"data": -1, "fsdp": 1}),
       devices=jax.devices()[:4])
   ref = _train(mesh)
+  val = _validate(0, 1)
+  assert set(val) >= {"val_dice_mean", "val_dice_ET"}
+  ref.update(val)
+  assert set(ref) == set(p0)
   for k in ref:
     np.testing.assert_allclose(p0[k], ref[k], rtol=1e-5, atol=1e-6,
                                err_msg=k)

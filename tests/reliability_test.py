@@ -316,7 +316,7 @@ def test_exact_resume_after_sigkill_and_sigterm(cohort, xla_cache, tmp_path):
   for name, (workdir, interrupted_at, proc, log) in resumed.items():
     rc, text = _finish(proc, log)
     assert rc == 0, (name, text[-3000:])
-    assert f"Resumed from" in text and f"step {interrupted_at}" in text, (
+    assert "Resumed from" in text and f"step {interrupted_at}" in text, (
         name, text[-3000:])
     # A killed run leaves its lock; the restart sees the PID gone.
     assert ("Took over the stale lock" in text) == (name != "term3"), name
@@ -557,11 +557,12 @@ def ssl_run(tmp_path_factory):
   import jax
   import jax.numpy as jnp
   from bsf_jax import checkpointing, config_lib
-  from bsf_jax.trainers import loop
+  from bsf_jax import contract as contract_lib
+  from bsf_jax import models
   config = config_lib.load_file(os.path.join(ROOT, "configs", "stage1.py"),
                                 "runlocal")
-  model = loop.build_model(config)
-  x = jnp.zeros((1, *config.data.roi, loop.model_in_channels(config)))
+  model = models.from_config(config)
+  x = jnp.zeros((1, *config.data.roi, contract_lib.in_channels(config)))
   params = jax.tree.map(
       lambda a: np.zeros(a.shape, a.dtype),
       jax.eval_shape(lambda k: model.init({"params": k, "dropout": k}, x),
@@ -570,7 +571,7 @@ def ssl_run(tmp_path_factory):
   manager = checkpointing.make_manager(workdir, async_save=False)
   for step in (1, 2):
     checkpointing.save(manager, step, {"params": params, "step": step}, None,
-                       dict(contract=loop.input_contract(config)), force=True)
+                       dict(contract=contract_lib.input_contract(config)), force=True)
   manager.close()
   return workdir
 

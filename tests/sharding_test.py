@@ -187,3 +187,50 @@ def test_bad_nonfinite_mode():
   mesh = sharding.create_mesh(mesh_cfg(8, 1))
   with pytest.raises(ValueError, match="nonfinite='ignore'"):
     train_step.make_train_step(None, None, mesh, None, nonfinite="ignore")
+
+
+def _preflight_job():
+  """A pretrain config whose data does not exist, and a TinyNet job."""
+  from bsf_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from bsf_jax.trainers import loop  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config("pretrain")
+  config_lib.runlocal(config)
+  config.data.modalities = ("t1", "flair")
+  config.data.datalist = "/nonexistent/datalist.json"
+  config.mesh = mesh_cfg(2, 1)
+  model = TinyNet()
+
+  def loss_fn(params, batch, rng):
+    del rng
+    pred = model.apply({"params": params}, batch["image"])
+    return jnp.mean(pred**2), {}
+
+  job = loop.Job(model=model, loss_fn=loss_fn, task="ssl", evaluate=None,
+                 best_metric="val_loss", best_mode="min")
+  return config, job
+
+
+def test_preflight_stops_before_data_or_checkpoints(tmp_path, monkeypatch):
+  from bsf_jax import preflight  # pylint: disable=g-import-not-at-top
+  from bsf_jax.trainers import loop  # pylint: disable=g-import-not-at-top
+  config, job = _preflight_job()
+  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:2])
+  # A device with 1 KiB: the step cannot fit; the error names the ways out
+  # and comes before the (missing) datalist is read or a checkpoint opened.
+  monkeypatch.setattr(preflight, "device_capacity", lambda d: 1024)
+  workdir = tmp_path / "run"
+  with pytest.raises(preflight.DoesNotFitError) as e:
+    loop.run(config, str(workdir), job, mesh)
+  for remedy in ("config.model.remat", "config.mesh.fsdp",
+                 "config.data.batch_size", "bfloat16", "0.00 GiB"):
+    assert remedy in str(e.value), (remedy, str(e.value))
+  assert not any(p.name != ".lock" and not p.name.endswith(".lock")
+                 for p in workdir.rglob("*")) if workdir.exists() else True
+  # With room to spare the report states peak and capacity, and the run
+  # goes on to the data, which is missing here.
+  monkeypatch.setattr(preflight, "device_capacity", lambda d: 2**40)
+  compiled = jax.jit(lambda x: x * 2).lower(jnp.ones(4)).compile()
+  lines = preflight.check(compiled, jax.devices()[0], config)
+  assert "of 1024.00 GiB" in lines[0]
+  with pytest.raises(Exception, match="nonexistent"):
+    loop.run(config, str(workdir), job, mesh)

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 
 from bsf_jax import augment, config_lib, losses, sharding, ssl_step
-from bsf_jax import train_state, train_step
+from bsf_jax import models, train_state, train_step
 from bsf_jax.bench import scale
-from bsf_jax.trainers import loop
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "configs")
@@ -39,7 +38,7 @@ def stage1_config(fsdp=1):
 
 
 def small_model():
-  return loop.build_model(stage1_config())
+  return models.from_config(stage1_config())
 
 
 def images(seed, n=SHAPE[0]):
@@ -80,7 +79,7 @@ class Stage1:
     config = stage1_config(fsdp)
     self.mesh = sharding.create_mesh(config.mesh)
     self.config = config
-    model = loop.build_model(config, devices=list(self.mesh.devices.flat))
+    model = models.from_config(config, devices=list(self.mesh.devices.flat))
     from bsf_jax import optim  # pylint: disable=g-import-not-at-top
     tx = optim.make_optimizer(config.optim, config.train.num_steps)
     abstract, state_sh = train_state.abstract_train_state(
@@ -171,7 +170,7 @@ def test_bf16_steps_compute_in_bf16_with_fp32_params(dp):
   config.model.dtype = "bfloat16"
   mesh = sharding.create_mesh(ml_collections.ConfigDict(
       {"data": 2, "fsdp": 1}), devices=jax.devices()[:2])
-  model = loop.build_model(config)
+  model = models.from_config(config)
   from bsf_jax import optim  # pylint: disable=g-import-not-at-top
   tx = optim.make_optimizer(config.optim, 4)
   abstract, state_sh = train_state.abstract_train_state(

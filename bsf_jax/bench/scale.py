@@ -129,31 +129,17 @@ def compile_step(config, mesh):
   """(compiled train step, abstract state) of `config` on `mesh`, run-free."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from bsf_jax import optim, sharding, ssl_step  # pylint: disable=g-import-not-at-top
-  from bsf_jax import train_state, train_step  # pylint: disable=g-import-not-at-top
-  from bsf_jax.trainers import finetune, loop  # pylint: disable=g-import-not-at-top
+  from bsf_jax import models, preflight, ssl_step  # pylint: disable=g-import-not-at-top
+  from bsf_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
 
-  model = loop.build_model(config, devices=list(mesh.devices.flat))
+  model = models.from_config(config, devices=list(mesh.devices.flat))
   if config.trainer == "pretrain":
-    loss_fn = ssl_step.make_loss_fn(model, config.ssl,
-                                    jnp.dtype(config.model.dtype))
+    task, loss_fn = "ssl", ssl_step.make_loss_fn(
+        model, config.ssl, jnp.dtype(config.model.dtype))
   else:
-    loss_fn = finetune.make_loss_fn(model, config.seg)
-  tx = optim.make_optimizer(config.optim, config.train.num_steps)
-  channels = loop.model_in_channels(config)
-  roi = tuple(config.data.roi)
-  abstract, state_sh = train_state.abstract_train_state(
-      model, tx, (1, *roi, channels), mesh, fsdp=config.mesh.fsdp != 1)
-  data_sh = sharding.data_sharding(mesh)
-  b = config.data.batch_size
-  batch = {"image": jax.ShapeDtypeStruct((b, *roi, channels), jnp.float32,
-                                         sharding=data_sh)}
-  if config.trainer != "pretrain":
-    batch["label"] = jax.ShapeDtypeStruct(
-        (b, *roi, config.model.out_channels), jnp.float32, sharding=data_sh)
-  step = train_step.make_train_step(loss_fn, tx, mesh, state_sh,
-                                    nonfinite=config.train.nonfinite)
-  compiled = step.lower(abstract, batch, jax.random.key(0)).compile()
+    task, loss_fn = "seg", finetune.make_loss_fn(model, config.seg)
+  compiled, abstract, _, _ = preflight.compile_step(
+      config, model, loss_fn, task, mesh, jax.random.key(0))
   return compiled, abstract
 
 

@@ -140,11 +140,8 @@ class _JaxSide:
   def compile(self):
     lowered = self.step_fn.lower(self.state, self.batch, self.rng)
     self.compiled = lowered.compile()
-    cost = self.compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0]
-    self.flops = float(cost.get("flops", float("nan"))) if cost else float(
-        "nan")
+    from bsf_jax import preflight  # pylint: disable=g-import-not-at-top
+    self.flops = preflight.step_flops(self.compiled) or float("nan")
 
   def step(self):
     self.state, metrics = self.compiled(self.state, self.batch, self.rng)

@@ -19,7 +19,6 @@ _LAZY = {
     "make_train_iter": "pipeline",
     "make_eval_iter": "pipeline",
     "to_global_batch": "pipeline",
-    "input_contract": "pipeline",
     "write_demo_cohort": "demo",
 }
 

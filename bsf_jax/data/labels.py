@@ -3,7 +3,7 @@
 A convention names every foreground value of a label map and defines the
 regions a model predicts (one sigmoid channel each, in order) as sets of
 values. It is stored whole in a checkpoint's input contract
-(`pipeline.input_contract`), so `bsf_jax.predict` writes labels the way the
+(`contract.data_contract`), so `bsf_jax.predict` writes labels the way the
 training data had them, whatever the naming of the files it is given.
 
 Sources:

@@ -433,22 +433,3 @@ def to_global_batch(batch: dict, sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()
           if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
-
-
-def input_contract(cfg) -> dict:
-  """What a checkpoint expects of its inputs; stored and checked on load."""
-  intensity = T.Intensity(cfg.intensity, float(cfg.a_min), float(cfg.a_max))
-  conv = L.get(cfg.label_format)
-  return {
-      "dataset": cfg.dataset,
-      "modalities": list(datalists.resolve_modalities(cfg.dataset, cfg.modalities)),
-      "orientation": "RAS",
-      "layout": "HWDC (channels last)",
-      "intensity": intensity.spec(),
-      "roi": [int(r) for r in cfg.roi],
-      "label_format": L.canonical(cfg.label_format),
-      # The convention whole (values and regions), so predictions are written
-      # as the training data had them (`labels.from_legacy_contract` reads it).
-      "labels": conv.to_contract() if conv else {},
-      "label_channels": list(conv.regions) if conv else [],
-  }

@@ -9,13 +9,12 @@ ATLAS). The best checkpoint is the one with the highest mean Dice.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bsf_jax import inference, losses, metrics, sharding
+from bsf_jax import inference, losses, metrics, models, sharding
 from bsf_jax.data import pipeline
 from bsf_jax.trainers import loop
 
@@ -44,62 +43,36 @@ def make_loss_fn(model, seg: ml_collections.ConfigDict):
   return loss_fn
 
 
-def make_predict_volume(model, config: ml_collections.ConfigDict, mesh=None):
-  """Returns `predict(params, image [H,W,D,C]) -> probabilities [H,W,D,K]`."""
-  seg = config.seg
-
-  @jax.jit
-  def probabilities(params, image):
-    logits = inference.sliding_window_inference(
-        image[None], tuple(config.data.roi), model.apply,
-        overlap=seg.sw_overlap, mode=seg.sw_mode,
-        sw_batch_size=seg.sw_batch_size, predictor_args=({"params": params},),
-        mesh=mesh)
-    return jax.nn.sigmoid(logits[0])
-
-  return probabilities
-
-
-def volume_metrics(probs: np.ndarray, label: np.ndarray, label_format: str,
-                   threshold: float) -> dict[str, float]:
-  """Per-volume Dice (and ATLAS lesion metrics) from probabilities."""
-  pred = metrics.binarize(probs, threshold)
-  gt = metrics.binarize(label)
-  if label_format.startswith("brats"):  # any BraTS convention: TC/WT/ET
-    return {f"dice_{k}": float(v) for k, v in
-            metrics.brats_region_dice(pred, gt).items()}
-  result = metrics.atlas_metrics(pred[..., 0], gt[..., 0])
-  out = {f"atlas_{k}": float(v) for k, v in result.items()}
-  out["dice_mean"] = out["atlas_dice"]
-  return out
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   mesh = sharding.create_mesh(config.mesh)
   if config.seg.freeze_encoder:
     config.optim.freeze = "^swinViT/"
-  model = loop.build_model(config)
-  predict = make_predict_volume(model, config, mesh)
+  model = models.from_config(config, devices=list(mesh.devices.flat))
+  local_mesh = sharding.process_local_mesh(mesh)
+  predict = inference.make_volume_predictor(model, config, local_mesh)
+  # Whole params on every device (FSDP shards included), then this
+  # process's copy on its own devices.
+  replicate = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))
+  keys = metrics.volume_metric_keys(config.data.label_format,
+                                    config.model.out_channels)
 
   def evaluate(params, step):
     del step
+    params = jax.device_put(
+        jax.tree.map(lambda x: x.addressable_data(0), replicate(params)),
+        sharding.replicated(local_mesh))
     per_volume = []
     for i, item in enumerate(pipeline.make_eval_iter(config.data, task="seg")):
       if 0 <= config.train.eval_batches <= i:
         break
       if not bool(item.get("mask", True)):
-        continue  # A padding placeholder (keeps processes in step).
+        per_volume.append(None)  # A padding placeholder (keeps processes in step).
+        continue
       probs = np.asarray(predict(params, jnp.asarray(item["image"])))
-      per_volume.append(volume_metrics(probs, np.asarray(item["label"]),
-                                       config.data.label_format,
-                                       config.seg.threshold))
-    if not per_volume:
-      raise ValueError("The validation split is empty: check config.data "
-                       "(fold / datalist)")
-    # nanmean: a volume without (say) ET has an undefined ET Dice, as MONAI's
-    # DiceMetric(ignore_empty=True) reports it.
-    return {f"val_{k}": float(np.nanmean([m[k] for m in per_volume]))
-            for k in per_volume[0]}
+      per_volume.append(metrics.volume_metrics(
+          probs, np.asarray(item["label"]), config.data.label_format,
+          config.seg.threshold))
+    return metrics.mean_volume_metrics(per_volume, keys)
 
   job = loop.Job(model=model, loss_fn=make_loss_fn(model, config.seg),
                  task="seg", evaluate=evaluate, best_metric="val_dice_mean",

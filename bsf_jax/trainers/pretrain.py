@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bsf_jax import augment, sharding, ssl_step
+from bsf_jax import augment, models, sharding, ssl_step
 from bsf_jax.data import pipeline
 from bsf_jax.trainers import loop
 
@@ -25,7 +25,7 @@ _EVAL_SEED = 20240101
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   mesh = sharding.create_mesh(config.mesh)
-  model = loop.build_model(config, devices=list(mesh.devices.flat))
+  model = models.from_config(config, devices=list(mesh.devices.flat))
   dtype = jnp.dtype(config.model.dtype)
   loss_fn = ssl_step.make_loss_fn(model, config.ssl, dtype)
   eval_step = ssl_step.make_eval_step(model, config.ssl, mesh, dtype)
