@@ -58,6 +58,19 @@ class CheckpointError(ValueError):
   """A checkpoint step exists but its files cannot be read."""
 
 
+def quiet_tool_logs() -> None:
+  """Only errors from the libraries in the one-shot tools (export, predict,
+  evaluate), unless `--verbosity` was given.
+
+  Orbax logs every manager's options and each read at INFO, and warns about
+  read-only managers; the tools print their own results and one-line errors.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CKPT_SUBDIR)
 

@@ -151,6 +151,7 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  checkpointing.quiet_tool_logs()
   config_path = os.path.join(FLAGS.workdir, "config.json")
   if not os.path.exists(config_path):
     print(f"error: {config_path} not found (not a bsf_jax workdir?)",

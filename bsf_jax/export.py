@@ -92,6 +92,7 @@ def export(workdir: str, out: str, fmt: str, which: str | int = "latest") -> str
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  checkpointing.quiet_tool_logs()
   if FLAGS.best and FLAGS.step is not None:
     raise app.UsageError("--best and --step are exclusive")
   which = "best" if FLAGS.best else (FLAGS.step if FLAGS.step is not None

@@ -141,6 +141,7 @@ def write_like(path: str, data: np.ndarray, reference: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  checkpointing.quiet_tool_logs()
   try:
     _predict(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.step,
              overrides=dict(threshold=FLAGS.threshold,
