@@ -79,3 +79,24 @@ def json_clean(value: Any) -> Any:
   if isinstance(value, np.generic):
     return value.item()
   return value
+
+
+def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
+  """A contract as this version writes it, from any earlier version's.
+
+  Contracts written before label conventions were stored name the format
+  "brats" (with `et_label` 4 or 3) or "atlas" and carry no `labels`; they
+  are rewritten to the convention they meant (`labels.from_legacy_contract`),
+  so runs started by an earlier version resume, evaluate and predict
+  unchanged. A current contract is returned as it is.
+  """
+  if "labels" in saved or "et_label" not in saved:
+    return saved
+  from bsf_jax.data import labels  # pylint: disable=g-import-not-at-top
+  convention = labels.from_legacy_contract(saved)
+  out = {k: v for k, v in saved.items() if k != "et_label"}
+  out.update(
+      label_format=convention.name if convention else labels.NONE,
+      labels=convention.to_contract() if convention else {},
+      label_channels=list(convention.regions) if convention else [])
+  return json_clean(out)
