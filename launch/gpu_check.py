@@ -17,7 +17,11 @@ most important first:
   (c) sliding-window inference of one 4x240x240x155 volume against MONAI's
       `sliding_window_inference` with AMP;
   (a) tests/models_test.py (every model parity test, per impl, forward and
-      backward) on the GPU at "highest" and at default matmul precision.
+      backward) on the GPU at "highest" and at default matmul precision;
+  (d) `bench scale --native`: the real stage-1 and stage-3 train steps
+      compiled for this GPU, XLA:GPU's per-device memory against the
+      device's capacity (what the run's memory pre-flight checks), with and
+      without remat.
 
 Work that would not fit the budget is recorded as skipped, never silently
 dropped. Each sub-command runs in its own process, so peak memory is its own.
@@ -56,6 +60,9 @@ INFER_CASES = [
     ("infer-xla-fp32", "--impl xla --dtype fp32", 60),
 ]
 TEST_CASES = [("models_test-highest", "highest", 150), ("models_test-default", "default", 120)]
+# bench scale on the GPU itself: per-device shapes of stage 1 (4 crops) and stage 3 (1 crop).
+SCALE_CASE = ("scale-native", "--native --devices 1 --sizes tiny --meshes dp --dtypes bf16 "
+              "--remat none,block --stages 1,3", 150)
 
 
 def _install_wheels(log) -> None:
@@ -123,7 +130,7 @@ def main() -> int:
   start = time.perf_counter()
   left = lambda: args.budget_s - (time.perf_counter() - start)
   results = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget_s,
-             "ssl": {}, "infer": {}, "tests": {}}
+             "ssl": {}, "infer": {}, "tests": {}, "scale": {}}
   tmp = tempfile.mkdtemp(prefix="gpu_check_")
   log_path = os.path.join(args.out, "gpu_check.log")
   with open(log_path, "w") as log:
@@ -145,7 +152,8 @@ def main() -> int:
       entry = {"rc": rc, "wall_s": wall, "command": " ".join(cmd[1:])}
       if os.path.exists(out_json):
         with open(out_json) as f:
-          entry.update(json.load(f))
+          data = json.load(f)
+        entry.update(data if isinstance(data, dict) else {"rows": data})
       results[kind][name] = entry
       _write(args.out, results)
 
@@ -182,6 +190,9 @@ def main() -> int:
       bench("ssl", name, flags, estimate, ssl_common)
     if not args.smoke:
       bench("infer", *INFER_CASES[1][:2], INFER_CASES[1][2], infer_common)
+    scale_name, scale_flags, scale_estimate = SCALE_CASE
+    bench("scale", scale_name, scale_flags, scale_estimate,
+          ["--feature-size", "12", "--roi", "64"] if args.smoke else [])
   results["total_s"] = time.perf_counter() - start
   _write(args.out, results)
   print(open(os.path.join(args.out, "gpu_check.md")).read())
@@ -237,6 +248,19 @@ def _write(out: str, results: dict) -> None:
     else:
       lines.append(f"| {name} | {r.get('rc')} | {r.get('tests')} | {r.get('failures')} | "
                    f"{r.get('errors')} | {', '.join(r.get('failed', []))} |")
+  lines += ["", "## Train-step memory on this device (bench scale --native, per-device shapes)", "",
+            "| case | stage | remat | arg GiB | out GiB | temp GiB | capacity GiB | compile s |",
+            "|---|---|---|---|---|---|---|---|"]
+  for name, r in results.get("scale", {}).items():
+    if "skipped" in r:
+      lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | |")
+      continue
+    if not r.get("rows"):
+      lines.append(f"| {name} | rc {r.get('rc')}, no rows | | | | | | |")
+    for row in r.get("rows", []):
+      lines.append(f"| {name} | {row['stage']} | {row['remat']} | {_gib(row.get('argument_bytes'))} | "
+                   f"{_gib(row.get('output_bytes'))} | {_gib(row.get('temp_bytes'))} | "
+                   f"{_gib(row.get('capacity_bytes'))} | {row.get('compile_s')} |")
   with open(os.path.join(out, "gpu_check.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 

@@ -241,12 +241,13 @@ def test_sliding_window_runs_the_model_in_its_compute_dtype():
   f32, bf16 = models.SwinUNETR(**kw), models.SwinUNETR(dtype=jnp.bfloat16, **kw)
   x = jax.random.normal(jax.random.key(0), (1, 32, 32, 48, 1))
   params = jax.jit(f32.init)(jax.random.key(1), x[:, :, :, :32])["params"]
-  run = lambda model: inference.sliding_window_inference(
+  run = lambda model: jax.jit(lambda p: inference.sliding_window_inference(
       x, (32, 32, 32), model.apply, overlap=0.5, sw_batch_size=2,
-      predictor_args=({"params": params},))
-  hlo = jax.jit(lambda: run(bf16)).lower().as_text()
+      predictor_args=({"params": p},))).lower(params)
+  lowered16 = run(bf16)
+  hlo = lowered16.as_text()
   assert "bf16" in hlo and "convolution" in hlo
-  out16, out32 = run(bf16), run(f32)
+  out16, out32 = lowered16.compile()(params), run(f32).compile()(params)
   assert out16.dtype == jnp.float32
   rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
   print(f"\n[sliding window bf16 vs fp32] relative L2 {rel:.2e}")

@@ -2,7 +2,7 @@
 
   python -m bsf_jax.bench scale [--devices 64] [--sizes tiny,small,big]
       [--meshes dp,fsdp] [--fsdp 8] [--dtypes fp32,bf16] [--remat none,block]
-      [--stages 1,3] [--json OUT]
+      [--stages 1,3] [--feature-size F] [--roi R] [--native] [--json OUT]
 
 Runs on N fake CPU devices (`--xla_force_host_platform_device_count`, set
 before jax starts; the bench re-executes itself when jax already runs with
@@ -18,6 +18,10 @@ device), with the accelerator kernels (`impl="xla"`), compiles it for the
   batch leaks across devices);
 - XLA's argument, output and temp memory per device (XLA:CPU's buffer
   assignment: the same program as on GPU up to the backend's fusion choices).
+
+With `--native` it compiles for this machine's own first `--devices`
+devices instead (a GPU: XLA:GPU's memory figures, with the device's
+capacity); `--feature-size` and `--roi` shrink the model and crops (tests).
 
 Then, from a per-core data throughput (`bench data`, crops/s per worker
 core, gzip and warm `.npy` cache), the host cores needed to feed 8 GPUs at a
@@ -109,8 +113,11 @@ def _configs_dir() -> str:
 
 
 def case_config(stage: int, size: str, n_devices: int, fsdp: int, dtype: str,
-                remat: str):
-  """The stage config of one case, sized for `n_devices` devices."""
+                remat: str, feature_size: int = 0, roi: int = 0):
+  """The stage config of one case, sized for `n_devices` devices.
+
+  `feature_size` / `roi` > 0 replace the config's (a cubic roi).
+  """
   from bsf_jax import config_lib  # pylint: disable=g-import-not-at-top
   name = "stage1.py" if stage == 1 else "stage3.py"
   config = config_lib.load_file(os.path.join(_configs_dir(), name),
@@ -122,6 +129,11 @@ def case_config(stage: int, size: str, n_devices: int, fsdp: int, dtype: str,
   config.model.impl = "xla"
   config.mesh.fsdp = fsdp
   config.mesh.data = -1
+  config.mesh.num_devices = n_devices
+  if feature_size:
+    config.model.feature_size = feature_size
+  if roi:
+    config.data.roi = (roi,) * 3
   return config
 
 
@@ -163,6 +175,13 @@ def _parse(argv):
   p.add_argument("--stages", default="1,3")
   p.add_argument("--step-times", default="0.5,1,2",
                  help="assumed step times (s) for the data-feed estimate")
+  p.add_argument("--feature-size", type=int, default=0,
+                 help="model feature size (0: the config's)")
+  p.add_argument("--roi", type=int, default=0,
+                 help="cubic crop size (0: the config's)")
+  p.add_argument("--native", action="store_true",
+                 help="compile for this machine's devices (e.g. a GPU), not "
+                 "fake CPU ones")
   p.add_argument("--json", default="", help="also write the rows here")
   return p.parse_args(argv[1:])
 
@@ -191,15 +210,21 @@ def _mib(n: int) -> str:
 
 def main(argv: list[str]) -> int:
   args = _parse(argv)
-  rc = _reexec_with_devices(args.devices, argv)
+  rc = None if args.native else _reexec_with_devices(args.devices, argv)
   if rc is not None:
     return rc
   import jax  # pylint: disable=g-import-not-at-top
-  from bsf_jax import sharding  # pylint: disable=g-import-not-at-top
+  from bsf_jax import preflight, sharding  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()[:args.devices]
+  if len(devices) < args.devices:
+    print(f"--devices {args.devices}: this machine has {len(devices)}",
+          file=sys.stderr)
+    return 2
 
   dtypes = {"fp32": "float32", "bf16": "bfloat16"}
   rows = []
-  print(f"{jax.device_count()} fake {jax.devices()[0].platform} devices; "
+  print(f"{len(devices)} {'' if args.native else 'fake '}"
+        f"{devices[0].platform} devices ({devices[0].device_kind}); "
         "per device: collective MiB by kind (result shapes), ratio to "
         "param bytes, largest collective, argument/output/temp MiB")
   header = ("stage", "size", "mesh", "dtype", "remat", "params MiB",
@@ -214,8 +239,9 @@ def main(argv: list[str]) -> int:
         for dtype in args.dtypes.split(","):
           for remat in args.remat.split(","):
             config = case_config(stage, size, args.devices, fsdp,
-                                 dtypes[dtype], remat)
-            mesh = sharding.create_mesh(config.mesh)
+                                 dtypes[dtype], remat, args.feature_size,
+                                 args.roi)
+            mesh = sharding.create_mesh(config.mesh, devices=devices)
             t0 = time.perf_counter()
             compiled, abstract = compile_step(config, mesh)
             seconds = time.perf_counter() - t0
@@ -225,7 +251,9 @@ def main(argv: list[str]) -> int:
                 "all-reduce", "all-gather", "reduce-scatter"))
             row = dict(stage=stage, size=size, mesh=f"{mesh_kind} "
                        f"{dict(mesh.shape)}", dtype=dtype, remat=remat,
-                       compile_s=round(seconds, 1), **r)
+                       compile_s=round(seconds, 1),
+                       capacity_bytes=preflight.device_capacity(devices[0]),
+                       **r)
             rows.append(row)
             cells = (stage, size, mesh_kind if fsdp == 1 else f"fsdp={fsdp}",
                      dtype, remat, _mib(r["param_bytes"]),
@@ -238,6 +266,11 @@ def main(argv: list[str]) -> int:
                      _mib(r.get("output_bytes", 0)),
                      _mib(r.get("temp_bytes", 0)), f"{seconds:.0f}")
             print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+  capacity = preflight.device_capacity(devices[0])
+  if capacity:
+    print(f"\ndevice capacity: {_mib(capacity)} MiB per "
+          f"{devices[0].device_kind}; a case fits when arg + out + temp "
+          "(less donated buffers) is below it")
   print("\nData-loader cores per host to feed 8 GPUs (per-core crops/s "
         f"{ {k: round(v, 2) for k, v in _CROPS_PER_CORE.items()} } from "
         "`bench data`):")
