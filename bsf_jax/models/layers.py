@@ -9,7 +9,7 @@ upsampling (torch `F.interpolate(..., align_corners=False)`), and the UNETR
 blocks `UnetResBlock`, `UnetrUpBlock`, `UnetOutBlock`.
 """
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -132,6 +132,32 @@ def _add_bias_bwd(bias, g):
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class Dense(nn.Module):
+  """`flax.linen.Dense` with the same params (`kernel` [in, out], `bias`),
+  whose bias gradient is summed in float32 (`add_bias`).
+
+  The bias gradient sums over every token of every window; `nn.Dense` would
+  sum it in the compute dtype. `config` gives the compute/param dtypes.
+  """
+  features: int
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  config: SwinConfig = SwinConfig()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+                        cfg.param_dtype)
+    y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype),
+                            (((x.ndim - 1,), (0,)), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                        cfg.param_dtype)
+      y = add_bias(y, bias)
+    return y
 
 
 class Conv3d(nn.Module):

@@ -59,7 +59,7 @@ class SSLHeadNet(nn.Module):
           f"SSLHead needs at least 2 bottleneck tokens (contrastive head reads "
           f"token 1), but input {x.shape[1:4]} gives {bottleneck.shape[1:4]}: "
           "make at least one spatial dim >= 64")
-    dense = lambda n, name: nn.Dense(n, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    dense = lambda n, name: layers.Dense(n, config=cfg, name=name)
     rotation = dense(self.rotation_classes, "rotation_head")(tokens[:, 0])
     contrastive = dense(self.contrastive_dim, "contrastive_head")(tokens[:, 1])
 

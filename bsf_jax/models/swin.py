@@ -132,7 +132,7 @@ class WindowAttention(nn.Module):
     rows = int(np.prod([2 * w - 1 for w in self.window_size]))
     table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
                        (rows, heads), cfg.param_dtype)
-    dense = functools.partial(nn.Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    dense = functools.partial(layers.Dense, config=cfg,
                               kernel_init=nn.initializers.truncated_normal(0.02))
     qkv = dense(3 * c, use_bias=cfg.qkv_bias, name="qkv")(x).reshape(bw, n, 3, heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -160,7 +160,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     cfg = self.config
-    dense = functools.partial(nn.Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    dense = functools.partial(layers.Dense, config=cfg,
                               kernel_init=nn.initializers.truncated_normal(0.02))
     x = nn.gelu(dense(self.hidden, name="linear1")(x), approximate=False)
     x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
@@ -226,8 +226,8 @@ class PatchMerging(nn.Module):
     x = jnp.pad(x, ((0, 0), (0, d % 2), (0, h % 2), (0, w % 2), (0, 0)))
     x = jnp.concatenate([x[:, i::2, j::2, k::2, :] for i, j, k in self.OFFSETS], axis=-1)
     x = _norm("norm", cfg)(x)
-    return nn.Dense(2 * self.dim, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                    kernel_init=nn.initializers.truncated_normal(0.02), name="reduction")(x)
+    return layers.Dense(2 * self.dim, use_bias=False, config=cfg,
+                        kernel_init=nn.initializers.truncated_normal(0.02), name="reduction")(x)
 
 
 class BasicLayer(nn.Module):
