@@ -237,26 +237,22 @@ def test_preflight_stops_before_data_or_checkpoints(tmp_path, monkeypatch):
 
 
 def test_bench_scale_stage3_fsdp_gathers_only_parameters(tmp_path):
-  """`bench scale` on the real stage-3 (Dice) step, 8 devices, small model:
-  DP moves the gradients once, FSDP only parameters, and FSDP's
-  activations stay sharded (its temp memory is no larger than DP's)."""
+  """`bench scale` on the real stage-3 (Dice) step, 8 devices, fsdp=2, small
+  model: only parameters cross devices (the stage-1 step's DP and FSDP
+  programs are checked in ssl_step_test)."""
   import json  # pylint: disable=g-import-not-at-top
   from bsf_jax.bench import scale  # pylint: disable=g-import-not-at-top
   out = tmp_path / "rows.json"
   assert scale.main([
-      "scale", "--devices", "8", "--sizes", "tiny", "--meshes", "dp,fsdp",
+      "scale", "--devices", "8", "--sizes", "tiny", "--meshes", "fsdp",
       "--fsdp", "2", "--dtypes", "fp32", "--remat", "none", "--stages", "3",
       "--feature-size", "12", "--roi", "32", "--json", str(out)]) == 0
-  dp, fsdp = json.loads(out.read_text())
-  assert dp["mesh"].startswith("dp") and fsdp["mesh"].startswith("fsdp"), (dp, fsdp)
-  for row in (dp, fsdp):
-    # No activation crosses devices: the largest collective is one
-    # parameter's (encoder10's 3x3x3x192x192 f32 kernel here, 3.8 MiB; one
-    # image is 32^3 x 4 channels).
-    assert row["largest_collective_bytes"] <= 4 * 3**3 * 192 * 192, row
-  assert dp["ratio_to_params"] <= 1.6, dp
-  assert set(dp["collective_bytes"]) == {"all-reduce"}, dp
-  assert fsdp["ratio_to_params"] <= 3.5, fsdp
-  assert fsdp["collective_bytes"].get("reduce-scatter", 0) > 0, fsdp
-  assert fsdp["temp_bytes"] <= dp["temp_bytes"], (fsdp, dp)
-  assert fsdp["argument_bytes"] < dp["argument_bytes"], (fsdp, dp)
+  (row,) = json.loads(out.read_text())
+  assert row["stage"] == 3 and row["mesh"].startswith("fsdp"), row
+  # No activation crosses devices: the largest collective is one parameter's
+  # (encoder10's 3x3x3x192x192 f32 kernel here, 3.8 MiB; one image is
+  # 32^3 x 4 channels).
+  assert row["largest_collective_bytes"] <= 4 * 3**3 * 192 * 192, row
+  assert row["ratio_to_params"] <= 3.5, row
+  assert row["collective_bytes"].get("all-gather", 0) > 0, row
+  assert row["collective_bytes"].get("reduce-scatter", 0) > 0, row

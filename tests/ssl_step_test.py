@@ -131,8 +131,14 @@ def test_dp_step_moves_only_gradients(dp):
   assert r["collective_bytes"]["all-reduce"] >= r["param_bytes"], r
 
 
-def test_fsdp_step_gathers_only_parameters(fsdp):
+def test_fsdp_step_gathers_only_parameters(fsdp, dp):
   r = fsdp.report
+  # Activations stay sharded over the batch as under DP: no more temp memory
+  # than DP's, beyond the gathered parameters themselves (measured: +0.2 MB
+  # of 242 MB, for 4.4 MB gathered; at 64 devices FSDP's temp is below DP's,
+  # BENCHMARKS.md).
+  assert r["temp_bytes"] <= dp.report["temp_bytes"] + r["collective_bytes"][
+      "all-gather"], (r, dp.report)
   assert dict(fsdp.mesh.shape) == {"data": 4, "fsdp": 2}
   assert r["largest_collective_bytes"] <= fsdp.largest_param, r
   assert r["ratio_to_params"] <= 3.5, r
