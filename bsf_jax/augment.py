@@ -360,7 +360,7 @@ def rot_rand(key: Array, x: Array,
 
   With the default axes (1, 2) of [B, H, W, D, C] this is the H-W plane and
   sample i equals `torch.rot90(v, k_i, (1, 2))` of its (C, H, W, D) layout v
-  (SPEC section 4). The released reference code rotates (C, H, W, D) dims
+  (the paper's Stage 1 pretraining). The released reference code rotates (C, H, W, D) dims
   (2, 3), the W-D plane: pass axes=(2, 3) to reproduce it.
 
   Args:
@@ -469,7 +469,7 @@ def make_views(key: Array, x: Array, *, group_size: int | None = None,
                max_block_sz: float = 0.25, tolr: float = 0.05,
                max_boxes: int | None = None, valid: Array | None = None
                ) -> tuple[Array, Array, Array, Array]:
-  """The SPEC two-view recipe: view_i = aug_rand(rot_rand(x)).
+  """The two-view recipe: view_i = aug_rand(rot_rand(x)).
 
   Feed view1 and view2 through the SSL model, then call
   `bsf_jax.losses.ssl_loss(concat([rot1, rot2]), rot_labels, z1, z2,

@@ -95,7 +95,7 @@ def model_config(name: str, size: str = "tiny") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # "ssl_head" (stages 1-2) or "swin_unetr" (stage 3).
       name=name,
-      # Tiny/Small/Big = depths 2-2-{2,6,18}-2 (paper Table 1; SPEC section 2).
+      # Tiny/Small/Big = depths 2-2-{2,6,18}-2 (paper Table 1).
       depths=depths,
       # Heads per stage, MONAI/BSF default.
       num_heads=(3, 6, 12, 24),
@@ -201,7 +201,7 @@ def base_config(trainer: str) -> ml_collections.ConfigDict:
   # Which checkpoint of `init_from` when it is a workdir: "best" or "latest".
   config.init_from_step = "best"
   # Declares that input channels may differ from `init_from`'s: channels are
-  # then mapped by modality name (SPEC section 5). Without it a channel
+  # then mapped by modality name (as the paper describes stage transfer). Without it a channel
   # mismatch is an error.
   config.init_adapt_channels = False
   # Modalities of `init_from`'s channels, in order, when the source does not

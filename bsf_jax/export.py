@@ -4,7 +4,7 @@ r"""Export a run's weights for PyTorch users.
   python -m bsf_jax.export --workdir runs/s1 --format bsf --out bsf_stage1.pt
   python -m bsf_jax.export --workdir runs/s1 --step 2000 --format safetensors --out s1.safetensors
 
-Formats (SPEC section 3):
+Formats:
   monai        a `SwinUNETR` state_dict (fine-tuning runs) that
                `monai.networks.nets.SwinUNETR(...).load_state_dict(sd, strict=True)`
                accepts; from a pretraining run, the encoder under `swinViT.*`,

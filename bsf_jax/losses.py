@@ -4,7 +4,7 @@ All functions are pure and jittable. They accept bf16 (or any float) inputs and
 compute in float32 internally, because softmax / log-sum-exp and large spatial
 sums lose too much precision in bf16.
 
-SSL objectives (SPEC section 4), used by the pretraining step:
+SSL objectives (the paper's Stage 1 pretraining), used by the pretraining step:
 
 * `rotation_loss`: cross-entropy of the 4-way rotation logits.
 * `contrastive_loss`: NT-Xent (SimCLR) over the 2B x 2B cosine-similarity

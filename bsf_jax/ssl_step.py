@@ -1,6 +1,6 @@
 """The SSL objective as a per-device `loss_fn` for `train_step`, and the SSL eval step.
 
-One training step (SPEC section 4): two views per volume,
+One training step (the paper's Stage 1 pretraining): two views per volume,
 view_i = aug_rand(rot_rand(x)) (`augment.make_views`), both views through ONE
 forward pass of the SSL head (concatenated on the batch axis, so the matmuls
 are twice as large), then rotation CE + NT-Xent + L1 reconstruction

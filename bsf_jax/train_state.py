@@ -3,7 +3,7 @@
 The state is a plain pytree (no model or optimizer functions inside), so Orbax
 can save it as is and `jax.jit` can donate it.
 
-Initialisation follows STYLE 2b item 4: `jax.eval_shape(init)` gives abstract
+Initialisation as in the Flax and big_vision examples: `jax.eval_shape(init)` gives abstract
 shapes, `sharding.state_shardings` turns them into NamedShardings, and
 `jax.jit(init, out_shardings=...)` materialises every array directly in its
 final layout on the devices. No full copy of the parameters ever lives on the

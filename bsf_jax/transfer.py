@@ -7,7 +7,7 @@ or safetensors file in the MONAI SwinUNETR, BrainSegFounder SSL or original
 Params are matched by path. Equal shapes are copied. A shape that differs only
 in the modality-channel axis (the patch embedding's input channels, the SSL
 reconstruction's output channels) is adapted by modality *name* when
-`config.init_adapt_channels` declares it (SPEC section 5): channels whose
+`config.init_adapt_channels` declares it (the paper's stage transfer): channels whose
 modality exists in both runs are copied (UKB t1 -> BraTS t1, UKB flair ->
 BraTS flair), new ones get Kaiming-normal (fan_out) weights and zero biases.
 The released BSF script re-initialises the whole patch embedding instead; we

@@ -11,7 +11,7 @@ r"""Stage 2: SSL pretraining on the target dataset, starting from stage 1 (paper
 
 Input channels go from UKB's (t1, flair) to the target's: matching channels
 keep their weights by modality name, new ones are initialised
-(init_adapt_channels, SPEC section 5). A new dataset is one `DATASETS` entry.
+(init_adapt_channels). A new dataset is one `DATASETS` entry.
 """
 
 from bsf_jax import config_lib

@@ -24,7 +24,7 @@ from bsf_jax import config_lib
 _BRATS = dict(out_channels=3, drop_rate=0.0, roi=(128, 128, 128), batch_size=2,
               num_steps=50_000, eval_every=2_500)
 DATASETS = {
-    # TC, WT, ET sigmoid channels (SPEC section 5); z-scored non-zero voxels
+    # TC, WT, ET sigmoid channels; z-scored non-zero voxels
     # and 128^3 crops as the BSF BraTS runs; batch 2, lr 1e-4, 50,000 steps.
     "brats2021": dict(data=dict(dataset="brats", label_format="brats2021"), **_BRATS),
     "brats2023": dict(data=dict(dataset="brats", label_format="brats2023"), **_BRATS),

@@ -99,7 +99,7 @@ def rot_rand(rng: np.random.Generator, x: np.ndarray,
   Args:
     rng: random generator.
     x: (B, C, H, W, D) batch.
-    dims: plane of each (C, H, W, D) sample; SPEC section 4 says (1, 2) (H-W),
+    dims: plane of each (C, H, W, D) sample; the paper's recipe rotates in (1, 2) (H-W),
       the released reference code uses (2, 3) (W-D).
 
   Returns:
