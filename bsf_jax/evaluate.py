@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from bsf_jax import atomic_io, checkpointing, inference, metrics, models
+from bsf_jax import atomic_io, checkpointing, inference, metrics, models, scoring
 from bsf_jax import contract as contract_lib
 from bsf_jax.data import labels
 from bsf_jax.data import pipeline
@@ -46,9 +46,9 @@ def evaluate_run(run_dir: str, config: ml_collections.ConfigDict,
                  out_dir: str, which: str | int = "best",
                  convention: str = "monai") -> str:
   """Evaluates `run_dir`'s checkpoint; returns the markdown table."""
-  if convention not in metrics.CONVENTIONS:
+  if convention not in scoring.CONVENTIONS:
     raise ValueError(f"--convention {convention!r}; expected one of "
-                     f"{metrics.CONVENTIONS}")
+                     f"{scoring.CONVENTIONS}")
   regions = list(labels.get(config.data.label_format).regions)
   params, meta, step = checkpointing.restore_params(
       run_dir, which, metric="val_dice_mean", mode="max")
@@ -62,12 +62,12 @@ def evaluate_run(run_dir: str, config: ml_collections.ConfigDict,
       continue
     probs = np.asarray(predict(params, jnp.asarray(item["image"])))
     if convention == "monai":
-      scores = metrics.volume_metrics(probs, np.asarray(item["label"]),
+      scores = scoring.volume_metrics(probs, np.asarray(item["label"]),
                                       config.data.label_format,
                                       config.seg.threshold)
     else:
       spacing = np.linalg.norm(np.asarray(item["affine"])[:3, :3], axis=0)
-      scores = metrics.score_regions(
+      scores = scoring.score_regions(
           metrics.binarize(probs, config.seg.threshold),
           metrics.binarize(np.asarray(item["label"])), regions, convention,
           tuple(spacing))

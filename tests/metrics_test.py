@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from bsf_jax import metrics
+from bsf_jax import metrics, scoring
 from bsf_jax.data import labels as L
 
 torch = pytest.importorskip("torch")
@@ -169,7 +169,7 @@ def test_atlas_metrics_hand_built():
   pred[3:5, 2:4, 2:4] = True      # hits A with 4 voxels (TP)
   pred[15, 15, 15] = True         # FP
   pred[0, 0, 19] = True           # FP
-  m = metrics.atlas_metrics(pred, gt)
+  m = scoring.atlas_metrics(pred, gt)
   assert m["dice"] == pytest.approx(2 * 4 / (10 + 9))
   assert m["volume_difference"] == 1.0
   assert m["lesion_count_difference"] == 1.0   # 3 predicted vs 2 true
@@ -180,18 +180,18 @@ def test_atlas_connectivity_and_empty():
   gt = np.zeros((4, 4, 4), bool)
   gt[0, 0, 0] = gt[1, 1, 1] = True    # corner neighbours only
   empty = np.zeros_like(gt)
-  assert metrics.atlas_metrics(empty, gt)["lesion_count_difference"] == 2
-  assert metrics.atlas_metrics(empty, gt, connectivity=26)[
+  assert scoring.atlas_metrics(empty, gt)["lesion_count_difference"] == 2
+  assert scoring.atlas_metrics(empty, gt, connectivity=26)[
       "lesion_count_difference"] == 1
-  assert metrics.atlas_metrics(empty, gt)["lesion_f1"] == 0.0
-  m = metrics.atlas_metrics(empty, empty)
+  assert scoring.atlas_metrics(empty, gt)["lesion_f1"] == 0.0
+  m = scoring.atlas_metrics(empty, empty)
   # Both empty: Dice 1.0 ("Perfect" score) in isles/scoring.py since 4957361.
   assert m["dice"] == 1.0 and m["lesion_f1"] == 1.0
   assert m["volume_difference"] == m["lesion_count_difference"] == 0
   with pytest.raises(ValueError, match="connectivity"):
-    metrics.atlas_metrics(gt, gt, connectivity=8)
+    scoring.atlas_metrics(gt, gt, connectivity=8)
   with pytest.raises(ValueError, match=r"\[H, W, D\]"):
-    metrics.atlas_metrics(gt[0], gt[0])
+    scoring.atlas_metrics(gt[0], gt[0])
 
 
 def test_isles22_preset_hand_built():
@@ -200,18 +200,18 @@ def test_isles22_preset_hand_built():
   gt[0, 0, 0] = gt[1, 1, 1] = True    # one lesion under 26-connectivity
   pred = np.zeros_like(gt)
   pred[1, 1, 1] = pred[4, 4, 4] = True
-  m = metrics.isles22_metrics(pred, gt, voxel_volume_ml=0.008)  # 2 mm voxels
+  m = scoring.isles22_metrics(pred, gt, voxel_volume_ml=0.008)  # 2 mm voxels
   assert m["dice"] == pytest.approx(2 * 1 / 4)
   assert m["lesion_count_difference"] == 1.0    # 2 predicted vs 1 true
   assert m["lesion_f1"] == pytest.approx(1 / (1 + (1 + 0) / 2))
   assert m["volume_difference"] == 0.0
   pred[5, 5, 5] = True
-  assert metrics.isles22_metrics(pred, gt, 0.008)["volume_difference"] == (
+  assert scoring.isles22_metrics(pred, gt, 0.008)["volume_difference"] == (
       pytest.approx(0.008))
   empty = np.zeros_like(gt)
-  assert metrics.isles22_metrics(empty, empty)["dice"] == 1.0
+  assert scoring.isles22_metrics(empty, empty)["dice"] == 1.0
   # ATLAS (6-connectivity) counts the corner-touching pair as two lesions.
-  assert metrics.atlas_metrics(pred, gt)["lesion_count_difference"] == 1.0
+  assert scoring.atlas_metrics(pred, gt)["lesion_count_difference"] == 1.0
 
 
 # ------------------------------------------------------- BraTS 2023+ ------
@@ -226,13 +226,13 @@ def test_hd95_pooled_vs_monai_hand_built():
   pred = np.zeros((12, 3, 3), bool)
   gt = np.zeros_like(pred)
   pred[0, 1, 1] = pred[10, 1, 1] = gt[0, 1, 1] = True
-  assert metrics.hd95_pooled(pred, gt) == pytest.approx(9.0)
+  assert scoring.hd95_pooled(pred, gt) == pytest.approx(9.0)
   assert metrics.hausdorff_distance(pred[None, ..., None], gt[None, ..., None],
                                     include_background=True, percentile=95
                                     )[0, 0] == pytest.approx(9.5)
-  assert metrics.hd95_pooled(pred, gt, spacing=(2, 1, 1)) == pytest.approx(18.0)
-  assert np.isinf(metrics.hd95_pooled(pred, np.zeros_like(gt)))
-  assert np.isnan(metrics.hd95_pooled(gt & False, gt & False))
+  assert scoring.hd95_pooled(pred, gt, spacing=(2, 1, 1)) == pytest.approx(18.0)
+  assert np.isinf(scoring.hd95_pooled(pred, np.zeros_like(gt)))
+  assert np.isnan(scoring.hd95_pooled(gt & False, gt & False))
 
 
 def test_brats2023_empty_conventions():
@@ -241,22 +241,22 @@ def test_brats2023_empty_conventions():
   blob[2:6, 2:6, 2:6] = True
   far = empty.copy()
   far[0, 0, 0] = True
-  both_empty = metrics.brats_lesion_wise(empty, empty)
+  both_empty = scoring.brats_lesion_wise(empty, empty)
   assert (both_empty["dice"], both_empty["hd95"]) == (1.0, 0.0)
   assert (both_empty["lesion_dice"], both_empty["lesion_hd95"]) == (1.0, 0.0)
   # Empty truth, a prediction: Dice 0, HD95 the maximum; the prediction is
   # one false positive lesion.
-  fp = metrics.brats_lesion_wise(blob, empty)
-  assert metrics.BRATS_HD95_MAX == 373.0
+  fp = scoring.brats_lesion_wise(blob, empty)
+  assert scoring.BRATS_HD95_MAX == 373.0
   assert (fp["dice"], fp["hd95"]) == (0.0, 373.0)
   assert (fp["lesion_dice"], fp["lesion_hd95"], fp["fp"]) == (0.0, 373.0, 1.0)
   # Empty prediction: the true lesion is a false negative.
-  fn = metrics.brats_lesion_wise(empty, blob)
+  fn = scoring.brats_lesion_wise(empty, blob)
   assert (fn["dice"], fn["hd95"], fn["lesion_dice"], fn["lesion_hd95"]) == (
       0.0, 373.0, 0.0, 373.0)
   assert fn["fn"] == 1.0
   # No overlap (beyond the dilation): lesion-wise one FN and one FP.
-  miss = metrics.brats_lesion_wise(far, blob, challenge="MET")
+  miss = scoring.brats_lesion_wise(far, blob, challenge="MET")
   assert (miss["lesion_dice"], miss["lesion_hd95"]) == (0.0, 373.0)
   assert (miss["tp"], miss["fp"], miss["fn"]) == (0.0, 1.0, 1.0)
 
@@ -276,7 +276,7 @@ def _lesion_scene():
 
 def test_brats2023_lesion_wise_hand_built():
   pred, gt = _lesion_scene()
-  m = metrics.brats_lesion_wise(pred, gt)  # GLI: dilation 3, > 50 mm^3
+  m = scoring.brats_lesion_wise(pred, gt)  # GLI: dilation 3, > 50 mm^3
   # Kept: A (Dice 2*125/(126+125), HD95 0: one of 197 edge distances is 3),
   # B (FN: 0, 373); S and S2 are under the threshold; one FP (0, 373).
   assert m["lesion_dice"] == pytest.approx((250 / 251 + 0 + 0) / 3)
@@ -285,40 +285,40 @@ def test_brats2023_lesion_wise_hand_built():
   inter = 125 + 27
   assert m["dice"] == pytest.approx(2 * inter / (pred.sum() + gt.sum()))
   # 2 mm voxels along x: S and S2 (54 mm^3) now count; dilation is in voxels.
-  m = metrics.brats_lesion_wise(pred, gt, spacing=(2, 1, 1))
+  m = scoring.brats_lesion_wise(pred, gt, spacing=(2, 1, 1))
   assert m["lesion_dice"] == pytest.approx((250 / 251 + 0 + 0 + 1 + 0) / 5)
   assert m["lesion_hd95"] == pytest.approx((0 + 373 + 373 + 0 + 373) / 5)
   assert (m["tp"], m["fn"], m["fp"]) == (2.0, 2.0, 1.0)
   # BraTS-MET: dilation 1, > 2 mm^3. B1 and B2 stay apart, the voxel 3 away
   # from A is a false positive.
-  m = metrics.brats_lesion_wise(pred, gt, challenge="MET")
+  m = scoring.brats_lesion_wise(pred, gt, challenge="MET")
   assert m["lesion_dice"] == pytest.approx((1 + 0 + 0 + 0 + 1) / 7)
   assert m["lesion_hd95"] == pytest.approx(373 * 5 / 7)
   assert (m["tp"], m["fn"], m["fp"]) == (2.0, 3.0, 2.0)
   with pytest.raises(ValueError, match="challenge"):
-    metrics.brats_lesion_wise(pred, gt, challenge="XYZ")
+    scoring.brats_lesion_wise(pred, gt, challenge="XYZ")
 
 
 def test_score_regions_conventions():
   pred, gt = _lesion_scene()
   p3, g3 = np.stack([pred] * 3, -1), np.stack([gt] * 3, -1)
   regions = ("TC", "WT", "ET")
-  b = metrics.score_regions(p3, g3, regions, "brats2023")
-  assert b["lesion_dice_ET"] == metrics.brats_lesion_wise(pred, gt)["lesion_dice"]
+  b = scoring.score_regions(p3, g3, regions, "brats2023")
+  assert b["lesion_dice_ET"] == scoring.brats_lesion_wise(pred, gt)["lesion_dice"]
   assert b["dice_mean"] == pytest.approx(b["lesion_dice_TC"])
-  mo = metrics.score_regions(p3, g3, regions, "monai")
+  mo = scoring.score_regions(p3, g3, regions, "monai")
   assert mo["dice_WT"] == pytest.approx(b["dice_WT"])
   assert mo["hd95_TC"] == pytest.approx(metrics.hausdorff_distance(
       pred[None, ..., None], gt[None, ..., None], include_background=True,
       percentile=95)[0, 0])
-  a = metrics.score_regions(p3[..., :1], g3[..., :1], ("lesion",), "atlas")
+  a = scoring.score_regions(p3[..., :1], g3[..., :1], ("lesion",), "atlas")
   assert a == {**{f"{k}_lesion": v for k, v in
-                  metrics.atlas_metrics(pred, gt).items()},
+                  scoring.atlas_metrics(pred, gt).items()},
                "dice_mean": a["dice_lesion"]}
-  i = metrics.score_regions(p3[..., :1], g3[..., :1], ("lesion",), "isles22")
-  assert i["lesion_f1_lesion"] == metrics.isles22_metrics(pred, gt)["lesion_f1"]
+  i = scoring.score_regions(p3[..., :1], g3[..., :1], ("lesion",), "isles22")
+  assert i["lesion_f1_lesion"] == scoring.isles22_metrics(pred, gt)["lesion_f1"]
   with pytest.raises(ValueError, match="convention"):
-    metrics.score_regions(p3, g3, regions, "brats2019")
+    scoring.score_regions(p3, g3, regions, "brats2019")
 
 
 # --------------------------------------------------------------- BraTS ------
@@ -390,8 +390,8 @@ def test_one_threshold_at_exactly_half():
   labels = metrics.channels_to_labels(probs, B21)
   np.testing.assert_array_equal(labels, np.where(gt[..., 0] > 0, 4, 0))
   assert metrics.brats_region_dice(probs, gt)["mean"] == 1.0
-  scores = metrics.volume_metrics(probs, gt, "brats", metrics.THRESHOLD)
+  scores = scoring.volume_metrics(probs, gt, "brats", metrics.THRESHOLD)
   assert scores["dice_TC"] == scores["dice_WT"] == scores["dice_ET"] == 1.0
-  atlas = metrics.volume_metrics(probs[..., :1], gt[..., :1], "atlas",
+  atlas = scoring.volume_metrics(probs[..., :1], gt[..., :1], "atlas",
                                   metrics.THRESHOLD)
   assert atlas["atlas_dice"] == 1.0 and atlas["atlas_lesion_f1"] == 1.0

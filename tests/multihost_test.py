@@ -72,7 +72,7 @@ def _seg_config():
 
 def _validate(process_id, process_count):
   """This process's share of the volumes -> the gathered val_* means."""
-  from bsf_jax import metrics  # pylint: disable=g-import-not-at-top
+  from bsf_jax import scoring  # pylint: disable=g-import-not-at-top
   config = _seg_config()
   rng = np.random.default_rng(0)
   volumes = [(rng.uniform(size=(8, 8, 8, 3)),
@@ -80,11 +80,11 @@ def _validate(process_id, process_count):
              for _ in range(N_VOLUMES)]
   volumes[1][1][..., 2] = 0  # no ET: an undefined ET Dice, skipped
   padded = volumes + [None] * (-len(volumes) % process_count)
-  per_volume = [None if v is None else metrics.volume_metrics(
+  per_volume = [None if v is None else scoring.volume_metrics(
       v[0], v[1], config.data.label_format, config.seg.threshold)
                 for v in padded[process_id::process_count]]
-  return metrics.mean_volume_metrics(per_volume,
-                                      metrics.volume_metric_keys(
+  return scoring.mean_volume_metrics(per_volume,
+                                      scoring.volume_metric_keys(
       config.data.label_format, config.model.out_channels))
 
 

@@ -1,8 +1,8 @@
 """Stage 3: Dice fine-tuning of SwinUNETR, whole-volume validation.
 
 The encoder starts from a stage-1/2 run or a PyTorch BSF/MONAI checkpoint
-(`config.init_from`). Training uses random roi crops with the SPEC section 5
-augmentations; validation runs jitted sliding-window inference over whole
+(`config.init_from`). Training uses random roi crops with the
+fine-tuning augmentations (flips, intensity scale and shift); validation runs jitted sliding-window inference over whole
 volumes and reports per-class Dice (TC/WT/ET for BraTS, lesion metrics for
 ATLAS). The best checkpoint is the one with the highest mean Dice.
 """
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bsf_jax import inference, losses, metrics, models, sharding
+from bsf_jax import inference, losses, models, scoring, sharding
 from bsf_jax.data import pipeline
 from bsf_jax.trainers import loop
 
@@ -53,7 +53,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   # Whole params on every device (FSDP shards included), then this
   # process's copy on its own devices.
   replicate = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))
-  keys = metrics.volume_metric_keys(config.data.label_format,
+  keys = scoring.volume_metric_keys(config.data.label_format,
                                     config.model.out_channels)
 
   def evaluate(params, step):
@@ -69,10 +69,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         per_volume.append(None)  # A padding placeholder (keeps processes in step).
         continue
       probs = np.asarray(predict(params, jnp.asarray(item["image"])))
-      per_volume.append(metrics.volume_metrics(
+      per_volume.append(scoring.volume_metrics(
           probs, np.asarray(item["label"]), config.data.label_format,
           config.seg.threshold))
-    return metrics.mean_volume_metrics(per_volume, keys)
+    return scoring.mean_volume_metrics(per_volume, keys)
 
   job = loop.Job(model=model, loss_fn=make_loss_fn(model, config.seg),
                  task="seg", evaluate=evaluate, best_metric="val_dice_mean",
