@@ -84,12 +84,10 @@ def analyse(compiled, param_bytes: int) -> dict:
   report = dict(collective_bytes=by_kind, total_collective_bytes=total,
                 ratio_to_params=total / param_bytes,
                 largest_collective_bytes=largest, param_bytes=param_bytes)
-  memory = compiled.memory_analysis()
+  from bsf_jax import preflight  # pylint: disable=g-import-not-at-top
+  memory = preflight.memory(compiled)  # The pre-flight's own reading.
   if memory is not None:
-    report.update(argument_bytes=int(memory.argument_size_in_bytes),
-                  output_bytes=int(memory.output_size_in_bytes),
-                  temp_bytes=int(memory.temp_size_in_bytes),
-                  alias_bytes=int(memory.alias_size_in_bytes))
+    report.update({f"{k}_bytes": v for k, v in memory.items() if k != "peak"})
   return report
 
 
