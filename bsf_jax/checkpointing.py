@@ -143,6 +143,20 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     raise ValueError(f"Checkpoint metadata {path} is corrupt: {e}") from None
 
 
+# How a run's checkpoints rank ("best"), by the model it trains: SSL runs by
+# validation reconstruction loss, as the reference does; fine-tuning runs by
+# mean Dice.
+BEST_METRIC = {"ssl_head": ("val_rec", "min"), "swin_unetr": ("val_dice_mean", "max")}
+
+
+def best_metric_of(meta: dict[str, Any]) -> tuple[str, str]:
+  """(metric, mode) that ranks the checkpoints of the run `meta` belongs to."""
+  kind = meta.get("contract", {}).get("model", {}).get("name")
+  if kind not in BEST_METRIC:
+    raise ValueError(f"checkpoint metadata has no model name (contract.model.name={kind!r})")
+  return BEST_METRIC[kind]
+
+
 def best_step(manager: ocp.CheckpointManager, metric: str,
               mode: str = "min") -> int | None:
   """The kept step with the best validation `metric`, or None if none has it."""
@@ -436,8 +450,8 @@ def run_meta(path: str) -> dict[str, Any]:
 
 
 def restore_params(path: str, which: str | int | None = "latest",
-                   metric: str = "val_rec",
-                   mode: str = "min") -> tuple[Any, dict[str, Any], int]:
+                   metric: str | None = None,
+                   mode: str | None = None) -> tuple[Any, dict[str, Any], int]:
   """Loads only the params of a workdir's checkpoint, on the host.
 
   Used by stage transfer, export and prediction, which need weights but not
@@ -446,11 +460,13 @@ def restore_params(path: str, which: str | int | None = "latest",
   Args:
     path: a workdir, its `checkpoints` dir, or one step dir inside it.
     which: "latest", "best" or a step (ignored when `path` is a step dir).
-    metric, mode: how "best" is ranked.
+    metric, mode: how "best" is ranked (default: the run's own, `BEST_METRIC`).
 
   Returns:
     (params as numpy arrays, meta, step).
   """
+  if which == "best" and metric is None:
+    metric, mode = best_metric_of(run_meta(path))
   manager, path, which = _open_read_only(path, which)
   step = resolve_step(manager, which, metric, mode)
   try:

@@ -122,6 +122,11 @@ def model_config(name: str, size: str = "tiny") -> ml_collections.ConfigDict:
       # conv block from its input) or a jax.checkpoint_policies name such as
       # "dots_saveable".
       remat="none",
+      # The order patch merging concatenates each 2x2x2 block's voxels in:
+      # "all_neighbours" (MONAI >= 1.5), "duplicated_neighbours" (MONAI
+      # 0.9-1.4, what BrainSegFounder's released weights were trained with),
+      # or "auto": config.init_from's order (all_neighbours without one).
+      patch_merging="auto",
   ))
 
 
@@ -300,7 +305,8 @@ def _model_choice_problems(model: ml_collections.ConfigDict) -> list[str]:
   from bsf_jax.models import swin_config
   problems = []
   choices = (("impl", swin_config.IMPLS), ("attention", swin_config.ATTENTION_KERNELS),
-             ("remat", swin_config.REMAT_CHOICES), ("dtype", ("float32", "bfloat16")))
+             ("remat", swin_config.REMAT_CHOICES), ("dtype", ("float32", "bfloat16")),
+             ("patch_merging", ("auto",) + tuple(swin_config.PATCH_MERGING_ORDERS)))
   for key, allowed in choices:
     value = model.get(key)
     if key == "remat" and isinstance(value, bool):

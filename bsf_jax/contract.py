@@ -16,6 +16,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from bsf_jax import models
+
 # The `config.seg` fields that turn a segmentation model's logits into the
 # masks it was validated with. Saved beside the contract (not in it: changing
 # them on resume is legitimate), so `bsf_jax.predict` segments new subjects
@@ -61,7 +63,8 @@ def input_contract(config: ml_collections.ConfigDict) -> dict[str, Any]:
       num_heads=list(config.model.num_heads),
       feature_size=config.model.feature_size,
       in_channels=in_channels(config),
-      out_channels=config.model.out_channels)
+      out_channels=config.model.out_channels,
+      patch_merging=models.patch_merging_of(config))
   return json_clean(contract)
 
 
@@ -90,6 +93,9 @@ def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
   so runs started by an earlier version resume, evaluate and predict
   unchanged. A current contract is returned as it is.
   """
+  if "model" in saved and "patch_merging" not in saved["model"]:
+    # Runs written before the order was recorded computed MONAI 1.5's.
+    saved = dict(saved, model=dict(saved["model"], patch_merging="all_neighbours"))
   if "labels" in saved or "et_label" not in saved:
     return saved
   from bsf_jax.data import labels  # pylint: disable=g-import-not-at-top

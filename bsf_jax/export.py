@@ -14,6 +14,10 @@ Formats:
                "global_step": step, "epoch": 0} with the reference SSL head's keys.
   safetensors  the run's own keys (monai or ssl_head naming), no pickle, with
                the input contract as metadata.
+
+Every file records the run's patch-merging order and the export says which
+MONAI computes the same function; a monai file of a run with the pre-2025 order
+(only MONAI 0.9-1.4 computes it) needs --monai_before_1_5.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import sys
 from absl import app, flags
 
 from bsf_jax import atomic_io, checkpointing
+from bsf_jax.models.swin_config import MONAI_VERSIONS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (or its checkpoints dir).")
@@ -32,37 +37,54 @@ flags.DEFINE_bool("best", False, "Export the best checkpoint by validation.")
 flags.DEFINE_enum("format", "monai", ["monai", "bsf", "safetensors"],
                   "Output format.")
 flags.DEFINE_string("out", None, "Output file.")
+flags.DEFINE_bool("monai_before_1_5", False,
+                  "Write a --format monai file of a run trained with the pre-2025 "
+                  "patch-merging order, for MONAI 0.9-1.4 (which computes that order).")
 flags.mark_flags_as_required(["workdir", "out"])
 
-# How each trainer ranks its checkpoints (see trainers/*.py).
-_BEST = {"ssl_head": ("val_rec", "min"), "swin_unetr": ("val_dice_mean", "max")}
 
 
-def export(workdir: str, out: str, fmt: str, which: str | int = "latest") -> str:
+def export(workdir: str, out: str, fmt: str, which: str | int = "latest",
+           monai_before_1_5: bool = False) -> str:
   """Writes the weights of `workdir`'s checkpoint `which` to `out`.
 
   `out` appears only once complete (`atomic_io`): an interrupted export or a
   full disk leaves no file there, or the earlier one unchanged. Missing
-  parent folders are created.
+  parent folders are created. The file records the run's patch-merging
+  order (`convert.torch_blob`, `convert.safetensors_metadata`), so importing
+  it needs no flag.
+
+  Args:
+    workdir: the run.
+    out: the output file.
+    fmt: "monai", "bsf" or "safetensors".
+    which: "latest", "best" or a step.
+    monai_before_1_5: the user loads a "monai" file of a run trained with
+      the pre-2025 merging order into MONAI 0.9-1.4, which computes that
+      order (MONAI >= 1.5 would compute another function: refused otherwise).
 
   Returns:
-    A one-line description of what was written.
+    A description of what was written, and which MONAI computes it.
   """
   from bsf_jax import convert  # torch is an optional extra: import lazily.
-
   # All steps of a run share the contract: any readable one names the model
   # (needed first, as "best" is ranked by a model-specific metric).
-  kind = checkpointing.run_meta(workdir).get("contract", {}).get(
-      "model", {}).get("name")
-  if kind not in _BEST:
-    raise ValueError(f"{workdir}: checkpoint metadata has no model name "
-                     f"(contract.model.name={kind!r})")
-  metric, mode = _BEST[kind]
-  params, meta, step = checkpointing.restore_params(workdir, which, metric,
-                                                    mode)
+  model = checkpointing.run_meta(workdir).get("contract", {}).get("model", {})
+  kind = model.get("name")
+  metric, mode = checkpointing.best_metric_of({"contract": {"model": model}})
+  order = model.get("patch_merging", "all_neighbours")
   if fmt == "bsf" and kind != "ssl_head":
     raise ValueError("--format bsf is the SSL-head checkpoint format; this run "
                      f"trained a {kind}. Use --format monai.")
+  if fmt == "monai" and order != "all_neighbours" and not monai_before_1_5:
+    raise ValueError(
+        f"{workdir} computes patch merging {order}, which only "
+        f"{MONAI_VERSIONS[order]} computes: MONAI >= 1.5 would run these weights as another "
+        "function. Pass --monai_before_1_5 if you load the file into such a MONAI "
+        "(pip install 'monai<1.5'), or export --format safetensors or bsf for bsf_jax and "
+        "BrainSegFounder's code")
+  params, meta, step = checkpointing.restore_params(workdir, which, metric,
+                                                    mode)
   if fmt == "monai" and kind == "ssl_head":
     state_dict = {f"swinViT.{k}": v for k, v in
                   convert.params_to_torch(params["swinViT"], "encoder").items()}
@@ -74,19 +96,16 @@ def export(workdir: str, out: str, fmt: str, which: str | int = "latest") -> str
     # OSError (not a library's own error) and the file is never partial.
     atomic_io.write_bytes(out, save(
         {k: v.contiguous() for k, v in state_dict.items()},
-        metadata={"contract": json.dumps(meta.get("contract", {})),
-                  "step": str(step), "kind": kind}))
+        metadata=convert.safetensors_metadata(
+            order, contract=json.dumps(meta.get("contract", {})), step=str(step),
+            kind=kind)))
   else:
     import torch
-    if fmt == "bsf":
-      blob = {"state_dict": {f"module.{k}": v for k, v in state_dict.items()},
-              "global_step": step, "epoch": 0}
-    else:
-      blob = state_dict
+    blob = convert.torch_blob(state_dict, order, bsf=fmt == "bsf", global_step=step)
     with atomic_io.open_atomic(out, "wb") as f:
       torch.save(blob, f)
   return (f"wrote {len(state_dict)} tensors ({kind}, step {step}, format "
-          f"{fmt}) to {out}")
+          f"{fmt}) to {out}\n{convert.monai_export_note(order)}")
 
 
 def main(argv):
@@ -98,7 +117,8 @@ def main(argv):
   which = "best" if FLAGS.best else (FLAGS.step if FLAGS.step is not None
                                      else "latest")
   try:
-    print(export(FLAGS.workdir, FLAGS.out, FLAGS.format, which))
+    print(export(FLAGS.workdir, FLAGS.out, FLAGS.format, which,
+                 FLAGS.monai_before_1_5))
   except (FileNotFoundError, ValueError, atomic_io.OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -281,7 +281,8 @@ def _config_from_contract(contract: dict) -> ml_collections.ConfigDict:
   config.model = config_lib.model_config("swin_unetr")
   config.model.update(depths=tuple(m["depths"]), num_heads=tuple(m["num_heads"]),
                       feature_size=m["feature_size"],
-                      out_channels=m["out_channels"])
+                      out_channels=m["out_channels"],
+                      patch_merging=m.get("patch_merging", "all_neighbours"))
   config.data = ml_collections.ConfigDict(dict(
       modalities=tuple(contract["modalities"]), roi=tuple(contract["roi"])))
   config.seg = config_lib.seg_config()

@@ -13,6 +13,15 @@ BraTS flair), new ones get Kaiming-normal (fan_out) weights and zero biases.
 The released BSF script re-initialises the whole patch embedding instead; we
 follow the paper. Any other mismatch is an error that lists every culprit.
 A report of loaded / adapted / new / dropped params is logged and printed.
+
+A workdir source gives the checkpoint `config.init_from_step` names: "best"
+by the source run's own validation metric, "latest", or a step number.
+
+`config.model.patch_merging="auto"` takes the order the source was trained
+with (`resolve_patch_merging`): a bsf_jax run's recorded order, a file's
+record, "duplicated_neighbours" for BrainSegFounder's releases and
+`model_swinvit.pt`. A bare state dict that does not say is refused until the
+order is stated. A stated order that differs from the source's is reported.
 """
 
 from __future__ import annotations
@@ -32,54 +41,114 @@ class TransferError(ValueError):
   """The source weights cannot be loaded into this model."""
 
 
-def load_source(path: str) -> tuple[dict[str, Any], tuple[str, ...] | None]:
-  """Loads a previous stage's params (numpy tree) and its modalities."""
+def _read_torch_file(path: str):
+  """`convert.read_torch_file` of `config.init_from`, errors naming it."""
+  if not path.endswith(_TORCH_SUFFIXES):
+    raise TransferError(
+        f"config.init_from={path!r} is a file but not a PyTorch/safetensors "
+        f"file ({', '.join(_TORCH_SUFFIXES)})")
+  from bsf_jax import convert  # pylint: disable=g-import-not-at-top  # Needs torch: lazy.
+  try:
+    return convert.read_torch_file(path)
+  except Exception as e:
+    # torch/safetensors errors (a refused pickle, a truncated zip) do not
+    # say which file; the user needs to know it was config.init_from.
+    raise TransferError(f"config.init_from={path!r}: cannot read weights "
+                        f"({type(e).__name__}: {e})") from e
+
+
+def _which_step(init_from_step: str | int) -> str | int:
+  """config.init_from_step as `checkpointing.restore_params` takes it."""
+  if isinstance(init_from_step, int) or str(init_from_step).isdigit():
+    return int(init_from_step)
+  if init_from_step not in ("best", "latest"):
+    raise TransferError(f"config.init_from_step={init_from_step!r}: expected 'best', "
+                        "'latest' or a step number")
+  return init_from_step
+
+
+def load_source(path: str, init_from_step: str | int = "best"
+                ) -> tuple[dict[str, Any], tuple[str, ...] | None, str]:
+  """A previous stage's params (numpy tree), its modalities and where they came from.
+
+  Args:
+    path: `config.init_from`: a workdir, a checkpoint step, or a weight file.
+    init_from_step: for a workdir, "best" (by the source run's own
+      validation metric), "latest", or a step number.
+  """
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.init_from={path!r} does not exist")
   if os.path.isfile(path):
-    if not path.endswith(_TORCH_SUFFIXES):
-      raise TransferError(
-          f"config.init_from={path!r} is a file but not a PyTorch/safetensors "
-          f"file ({', '.join(_TORCH_SUFFIXES)})")
-    try:
-      return load_torch_params(path), None
-    except Exception as e:
-      # torch/safetensors errors (a refused pickle, a truncated zip) do not
-      # say which file; the user needs to know it was config.init_from.
-      raise TransferError(f"config.init_from={path!r}: cannot read weights "
-                          f"({type(e).__name__}: {e})") from e
-  from bsf_jax import checkpointing
-  params, meta, step = checkpointing.restore_params(path, "latest")
+    torch_file = _read_torch_file(path)
+    return load_torch_params(torch_file), None, torch_file.describe()
+  from bsf_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  which = _which_step(init_from_step)
+  params, meta, step = checkpointing.restore_params(path, which)
   modalities = meta.get("contract", {}).get("modalities")
-  logging.info("init_from: %s step %d (modalities %s)", path, step, modalities)
-  return params, tuple(modalities) if modalities else None
+  metric = checkpointing.best_metric_of(meta)[0]
+  how = {"best": f"best by {metric}", "latest": "latest"}.get(which, "as asked")
+  if which == "best" and metric not in meta.get("metrics", {}):
+    how = f"latest: no kept step has {metric}"
+  origin = f"init_from: {path} step {step} ({how}), modalities {modalities}"
+  logging.info("%s", origin)
+  return params, tuple(modalities) if modalities else None, origin
 
 
-def load_torch_params(path: str) -> dict[str, Any]:
-  """Reads any supported PyTorch/safetensors file as a bsf_jax params tree.
-
-  The format is recognised by its keys: a BSF SSL checkpoint has
-  `rotation_head.*`, a MONAI SwinUNETR has `out.*`, and an encoder alone
-  (`model_swinvit.pt`, or our `swinViT.*` export of an SSL run) has only the
-  Swin transformer. The architecture is inferred from the shapes.
-  """
+def load_torch_params(torch_file) -> dict[str, Any]:
+  """A `convert.TorchFile` as a bsf_jax params tree (an encoder under `swinViT`)."""
   # pylint: disable=g-import-not-at-top
-  from bsf_jax import convert  # Needs torch or safetensors: lazy.
+  from bsf_jax import convert
   from bsf_jax import models
-
-  state_dict = convert.normalize_keys(convert.load_torch_file(path))
-  if "rotation_head.weight" in state_dict:
-    kind = "ssl_head"
-  elif "out.conv.conv.weight" in state_dict:
-    kind = "swin_unetr"
-  else:
-    kind = "encoder"
-    state_dict = convert.encoder_state_dict(state_dict)
-  kwargs = convert.model_kwargs_from_state_dict(state_dict, kind)
-  model = models.build(kind, **kwargs)
+  kind = torch_file.kind
+  state_dict = torch_file.tensors_for(kind)
+  model = models.build(kind, **convert.model_kwargs_from_state_dict(state_dict, kind))
   params = convert.params_from_torch(state_dict, kind, model)
-  logging.info("init_from: %s read as %s %s", path, kind, kwargs)
   return {"swinViT": params} if kind == "encoder" else params
+
+
+def source_patch_merging(path: str) -> tuple[str | None, str]:
+  """(the order `config.init_from`'s weights were trained with or None, why)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config.init_from={path!r} does not exist")
+  if os.path.isfile(path):
+    torch_file = _read_torch_file(path)
+    return torch_file.patch_merging, torch_file.merging_reason
+  from bsf_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  model = checkpointing.run_meta(path).get("contract", {}).get("model", {})
+  # Runs written before the order was recorded could only compute MONAI 1.5's.
+  return model.get("patch_merging", "all_neighbours"), "recorded by the bsf_jax run"
+
+
+def resolve_patch_merging(config: ml_collections.ConfigDict) -> str:
+  """Sets an "auto" `config.model.patch_merging` to the order of `config.init_from`.
+
+  Without init_from, "auto" is "all_neighbours" (MONAI >= 1.5). A stated
+  order that differs from the source's is allowed and logged.
+
+  Returns:
+    A line for the run's log saying what was chosen and why.
+  """
+  from bsf_jax.models.swin_config import MONAI_VERSIONS  # pylint: disable=g-import-not-at-top
+  stated = config.model.patch_merging
+  if not config.init_from:
+    if stated == "auto":
+      config.model.patch_merging = "all_neighbours"
+    return f"patch merging {config.model.patch_merging}"
+  source, why = source_patch_merging(config.init_from)
+  if stated == "auto":
+    if source is None:
+      raise TransferError(
+          f"config.init_from={config.init_from!r}: {why}: set config.model.patch_merging to "
+          f"all_neighbours ({MONAI_VERSIONS['all_neighbours']}) or duplicated_neighbours "
+          f"({MONAI_VERSIONS['duplicated_neighbours']}, BrainSegFounder's releases)")
+    config.model.patch_merging = source
+    return f"patch merging {source} from config.init_from ({why})"
+  if source not in (None, stated):
+    line = (f"patch merging {stated} as configured, NOT config.init_from's {source} ({why}): "
+            "the pretrained encoder computes a different function from the one it was trained as")
+    logging.warning("%s", line)
+    return line
+  return f"patch merging {stated} (as configured)"
 
 
 def _encoder_view(source: dict[str, Any]) -> dict[str, Any]:
@@ -189,13 +258,14 @@ def load_into(config: ml_collections.ConfigDict, model: Any,
               params: dict[str, Any]) -> dict[str, Any]:
   """Loads `config.init_from` into freshly initialised `params`."""
   del model  # Structure comes from `params`.
-  source, src_mods = load_source(config.init_from)
+  source, src_mods, origin = load_source(config.init_from, config.init_from_step)
   if config.get("init_from_modalities"):
     src_mods = tuple(config.init_from_modalities)
   new_params, report = transfer_params(
       source, params, src_modalities=src_mods,
       tgt_modalities=tuple(config.data.modalities),
       adapt_channels=config.init_adapt_channels, seed=config.seed)
+  report = f"{origin}\n{report}"
   logging.info("%s", report)
   print(report)
   return new_params

@@ -77,10 +77,12 @@ def test_strict_errors_name_every_problem():
 def test_bsf_checkpoint_format_and_encoder_transfer(tmp_path):
   sd = _ssl_state_dict()
   path = str(tmp_path / "bsf.pt")
-  convert.save_torch_file(sd, path, bsf=True, global_step=7, epoch=3)
+  convert.save_torch_file(sd, path, "all_neighbours", bsf=True, global_step=7, epoch=3)
   raw = torch.load(path, weights_only=True)
   assert raw["global_step"] == 7 and raw["epoch"] == 3
+  assert raw[convert.MERGING_RECORD] == "all_neighbours"
   assert all(k.startswith("module.") for k in raw["state_dict"])
+  assert convert.read_torch_file(path).patch_merging == "all_neighbours"  # the record wins
   loaded = convert.load_torch_file(path)
   kwargs = convert.model_kwargs_from_state_dict(loaded, "ssl_head")
   ssl = models.build("ssl_head", **kwargs)
@@ -123,16 +125,23 @@ def test_cli_round_trip(tmp_path):
   src = str(tmp_path / "model.pt")
   torch.save(sd, src)
   ckpt = str(tmp_path / "ckpt")
-  convert.main(["--from", src, "--kind", "swin_unetr", "--to", ckpt])
+  # A bare state dict does not say which merging order it was trained with.
+  with pytest.raises(convert.ConversionError, match="--patch_merging"):
+    convert.main(["--from", src, "--to", ckpt])
+  assert not os.path.exists(ckpt)
+  convert.main(["--from", src, "--patch_merging", "all_neighbours", "--to", ckpt])
   with open(os.path.join(ckpt, convert.CONFIG_FILE)) as f:
     cfg = json.load(f)
   assert cfg["kind"] == "swin_unetr" and cfg["model_kwargs"]["out_channels"] == 3
+  assert cfg["model_kwargs"]["patch_merging"] == "all_neighbours"
   params, kind, kwargs = convert.load_params(ckpt)
   assert kind == "swin_unetr" and kwargs["depths"] == (2, 2, 2, 2)
   for fmt in ("safetensors", "pt"):
     dst = str(tmp_path / f"back.{fmt}")
     convert.main(["--from", ckpt, "--to", dst])
     _assert_same_state_dict(convert.load_torch_file(dst), {k: v.numpy() for k, v in sd.items()})
+    # What bsf_jax writes records its order: it round-trips without a flag.
+    assert convert.read_torch_file(dst).patch_merging == "all_neighbours"
   # The exported file loads strictly into MONAI.
   tm = monai_nets.SwinUNETR(in_channels=2, out_channels=3, feature_size=F)
   tm.load_state_dict(torch.load(str(tmp_path / "back.pt"), weights_only=True), strict=True)
@@ -147,3 +156,90 @@ def test_bad_file_is_reported(tmp_path):
   torch.save({"model": {"a": 1}}, path)
   with pytest.raises(convert.ConversionError, match="weird.pt"):
     convert.load_torch_file(path)
+
+
+def test_pickled_model_object_is_refused_with_the_way_out(tmp_path):
+  """A whole model saved with torch.save(model), as one released fine-tuned file is."""
+  path = str(tmp_path / "whole_model.pt")
+  torch.save(torch.nn.Linear(2, 3), path)
+  with pytest.raises(convert.ConversionError) as err:
+    convert.read_torch_file(path)
+  message = str(err.value)
+  assert "\n" not in message and "whole_model.pt" in message
+  assert "weights_only=False" in message and "state_dict()" in message
+
+
+def _release_files(tmp_path):
+  """Weight files in each layout users have: (name, path, kind, order)."""
+  from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(3)
+  ssl = TorchSSLHead(2, feature_size=F).state_dict()
+  encoder = {k[len("swinViT."):]: v for k, v in ssl.items() if k.startswith("swinViT.")}
+  old_mlp = lambda k: k.replace("mlp.linear1", "mlp.fc1").replace("mlp.linear2", "mlp.fc2")
+  optimizer = {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}
+  layouts = {
+      # BrainSegFounder's releases: saved from DistributedDataParallel.
+      "bsf_release": ({"state_dict": {"module." + k: v for k, v in ssl.items()}, "epoch": 5,
+                       "global_step": 1000, "optimizer": optimizer}, "ssl_head"),
+      "bsf_no_module": ({"state_dict": dict(ssl), "epoch": 1, "global_step": 10}, "ssl_head"),
+      # Older research code: `swin_vit.` and fc1/fc2.
+      "swin_vit_fc": ({"state_dict": {"swin_vit." + old_mlp(k): v for k, v in encoder.items()}},
+                      "encoder"),
+      # MONAI's model_swinvit.pt.
+      "model_swinvit": ({"state_dict": {"module." + old_mlp(k): v for k, v in encoder.items()}},
+                        "encoder"),
+  }
+  files = []
+  for name, (blob, kind) in layouts.items():
+    path = str(tmp_path / f"{name}.pt")
+    torch.save(blob, path)
+    files.append((name, path, kind))
+  return files, ssl, encoder
+
+
+def test_released_layouts_import_with_the_pre_2025_order(tmp_path, capsys):
+  files, ssl, encoder = _release_files(tmp_path)
+  for name, path, kind in files:
+    read = convert.read_torch_file(path)
+    assert read.kind == kind, name
+    assert read.patch_merging == "duplicated_neighbours", name
+    arch = read.architecture()
+    assert (arch["in_channels"], arch["feature_size"], arch["depths"]) == (2, F, (2, 2, 2, 2)), name
+    # As the encoder of a fine-tuning run: the SSL heads are dropped and said so.
+    enc = read.tensors_for("encoder")
+    _assert_same_state_dict(enc, {k: v.numpy() for k, v in encoder.items()})
+    if kind == "ssl_head":
+      assert "dropped contrastive_head, conv, rotation_head" in read.describe("encoder")
+    # The CLI imports it without a flag and says which order it picked and why.
+    ckpt = str(tmp_path / f"{name}_ckpt")
+    convert.main(["--from", path, "--to", ckpt])
+    report = capsys.readouterr().out
+    assert "duplicated_neighbours" in report and "MONAI 0.9 to 1.4.x" in report, report
+    params, got_kind, kwargs = convert.load_params(ckpt)
+    assert got_kind == kind and kwargs["patch_merging"] == "duplicated_neighbours"
+    want = ssl if kind == "ssl_head" else encoder
+    _assert_same_state_dict(convert.params_to_torch(params, kind), want)
+  # Stating the other order is allowed, and the report says it is not the file's.
+  convert.main(["--from", files[0][1], "--to", str(tmp_path / "stated"),
+                "--patch_merging", "all_neighbours"])
+  assert "NOT the file's duplicated_neighbours" in capsys.readouterr().out
+
+
+def test_inspect_prints_and_writes_nothing(tmp_path, capsys):
+  files, _, _ = _release_files(tmp_path)
+  before = sorted(os.listdir(tmp_path))
+  convert.main(["--inspect", files[0][1]])
+  out = capsys.readouterr().out
+  for expected in ("epoch 5, global_step 1000", "'module.' keys", "ssl_head: in_channels=2",
+                   "feature_size=12", "depths=[2, 2, 2, 2]", "duplicated_neighbours"):
+    assert expected in out, (expected, out)
+  assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_unmatched_key_of_a_release_is_named(tmp_path):
+  files, _, _ = _release_files(tmp_path)
+  blob = torch.load(files[0][1], weights_only=True)
+  blob["state_dict"]["module.rotation_pre.weight"] = torch.zeros(3)
+  torch.save(blob, files[0][1])
+  with pytest.raises(convert.ConversionError, match="unexpected key: rotation_pre.weight"):
+    convert.main(["--from", files[0][1], "--to", str(tmp_path / "ckpt")])

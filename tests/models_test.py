@@ -1,17 +1,15 @@
 """Numerical parity of bsf_jax.models with MONAI / the PyTorch SSL head reference.
 
-Every parity test runs once per kernel path (`impl="xla"`, the path GPUs take,
-and `impl="cpu"`), forward and backward, at "highest" matmul precision.
-Weights go both ways through `bsf_jax.convert`; the max-abs differences are
-printed (run with `-s` to see them) and must be <= 1e-4 in float32.
+Correctness is proved in float64: outputs and every gradient (the input's and
+each parameter's) of SwinUNETR, the SSL head and the encoder equal MONAI / the
+reference's autograd to 1e-9 relative, on both kernel paths (`impl="xla"`,
+the path GPUs take, and `impl="cpu"`), with and without remat, over a family
+of shapes, and for both patch-merging orders. Weights go both ways through
+`bsf_jax.convert`.
 
-Gradients are judged against MONAI's autograd in float64: float32 gradients of
-these models carry real rounding error (InstanceNorm's backward cancels over
-all voxels; LeakyReLU kinks flip side under rounding), so JAX float32 and
-torch float32 differ from each other by more than either's own error suggests.
-Each gradient tensor's float32 error (relative L2 against float64) must be
-within 3x torch float32's own error, plus 1e-5 for tensors where torch is
-exact to float32 resolution.
+float32 tests then check accuracy against that float64 truth, with tolerances
+that no instruction set, fusion choice or LeakyReLU coin flip can break (see
+the float32 section). Run with `-s` to see the measured errors.
 """
 
 import functools
@@ -29,12 +27,7 @@ from bsf_jax.models import attention, cpu_kernels, swin
 torch = pytest.importorskip("torch")
 monai_nets = pytest.importorskip("monai.networks.nets")
 
-TOL = 1e-4
 F = 12  # small feature size keeps the tests fast
-IMPLS = ("xla", "cpu")
-# Gradient error may be this many times torch float32's own (module docstring).
-GRAD_FACTOR = 3.0
-GRAD_SLACK = 1e-5
 
 
 @pytest.fixture(autouse=True)
@@ -71,87 +64,6 @@ def _random_params(model, seed, x=None):
   return flax.traverse_util.unflatten_dict(out)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(model, params, x):
-  """Jitted forward shared by the tests (cached per model and input shape)."""
-  return model.apply({"params": params}, x, mutable=["intermediates"])
-
-
-def _inputs(shape, channels, seed=0):
-  x = np.random.default_rng(seed).standard_normal((1, channels) + shape).astype(np.float32)
-  return x, jnp.asarray(x.transpose(0, 2, 3, 4, 1))
-
-
-def _to_ncdhw(a):
-  a = np.asarray(a, np.float32)
-  return a.transpose(0, 4, 1, 2, 3) if a.ndim == 5 else a
-
-
-def _max_diff(jax_out, torch_out):
-  return float(np.abs(_to_ncdhw(jax_out) - torch_out.detach().numpy()).max())
-
-
-def _monai_swin_unetr(seed=0):
-  torch.manual_seed(seed)
-  return _perturb_torch(monai_nets.SwinUNETR(in_channels=2, out_channels=3, feature_size=F), seed)
-
-
-def _run_swin_unetr(model, params, x):
-  logits, state = _apply(model, params, x)
-  return logits, state["intermediates"]["hidden_states"][0]
-
-
-def _check_swin_unetr(tm, model, params, shape, label):
-  x, xj = _inputs(shape, 2)
-  with torch.no_grad():
-    ref = tm(torch.from_numpy(x))
-    ref_hs = tm.swinViT(torch.from_numpy(x), True)
-  logits, hs = _run_swin_unetr(model, params, xj)
-  assert logits.shape == (1,) + shape + (3,)
-  diffs = [_max_diff(h, r) for h, r in zip(hs, ref_hs)]
-  diff = _max_diff(logits, ref)
-  print(f"\n[{label} {shape}] hidden-state max-abs diffs {['%.2e' % d for d in diffs]}, "
-        f"logits {diff:.2e}")
-  assert len(hs) == 5
-  assert max(diffs) <= TOL and diff <= TOL
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_swin_unetr_monai_to_jax_cubic(impl):
-  tm = _monai_swin_unetr(0)
-  kwargs = convert.model_kwargs_from_state_dict(tm.state_dict(), "swin_unetr")
-  model = models.build("swin_unetr", impl=impl, **kwargs)
-  params = convert.params_from_torch(tm.state_dict(), "swin_unetr", model)
-  _check_swin_unetr(tm, model, params, (64, 64, 64), f"SwinUNETR MONAI->JAX {impl}")
-
-
-def _ssl_reference(seed):
-  from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(seed)
-  return _perturb_torch(TorchSSLHead(2, feature_size=F), seed)
-
-
-def _check_ssl(tm, model, params, shape, label):
-  x, xj = _inputs(shape, 2, seed=3)
-  with torch.no_grad():
-    ref = tm(torch.from_numpy(x))
-  out, _ = _apply(model, params, xj)
-  assert out[0].shape == (1, 4) and out[1].shape == (1, 512) and out[2].shape == (1,) + shape + (2,)
-  diffs = [_max_diff(o, r) for o, r in zip(out, ref)]
-  print(f"\n[{label} {shape}] rotation {diffs[0]:.2e}, contrastive {diffs[1]:.2e}, "
-        f"reconstruction {diffs[2]:.2e}")
-  assert max(diffs) <= TOL
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_ssl_head_torch_to_jax_cubic(impl):
-  tm = _ssl_reference(2)
-  kwargs = convert.model_kwargs_from_state_dict(tm.state_dict(), "ssl_head")
-  model = models.build("ssl_head", impl=impl, **kwargs)
-  params = convert.params_from_torch(tm.state_dict(), "ssl_head", model)
-  _check_ssl(tm, model, params, (64, 64, 64), f"SSLHead torch->JAX {impl}")
-
-
 def _projection(shape, seed):
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
@@ -160,104 +72,264 @@ def _relative_l2(a, b, floor):
   return float(np.linalg.norm(a - b)) / max(float(np.linalg.norm(b)), floor)
 
 
-def _check_gradients(label, ours, torch32, torch64):
-  """ours / torch32 / torch64: gradients keyed by MONAI names (plus "input").
-
-  Each tensor's float32 error against float64 must be within GRAD_FACTOR x
-  torch float32's own, norms floored at 1e-3 of the largest gradient's norm
-  (a conv bias that feeds an InstanceNorm has an exact gradient of 0).
-  """
-  assert ours.keys() == torch64.keys() == torch32.keys()
-  floor = 1e-3 * max(float(np.linalg.norm(v)) for v in torch64.values())
-  worst, rows = 0.0, []
-  for key in sorted(torch64):
-    truth = torch64[key]
-    assert ours[key].shape == truth.shape, key
-    ours_err = _relative_l2(ours[key], truth, floor)
-    torch_err = _relative_l2(torch32[key], truth, floor)
-    ratio = ours_err / (GRAD_FACTOR * torch_err + GRAD_SLACK)
-    rows.append((ratio, key, ours_err, torch_err))
-    worst = max(worst, ratio)
-  for ratio, key, ours_err, torch_err in sorted(rows)[-4:]:
-    print(f"  {key}: JAX f32 {ours_err:.2e}, torch f32 {torch_err:.2e} (vs float64)")
-  print(f"\n[{label}] {len(rows)} gradient tensors, worst error / allowed {worst:.2f}")
-  bad = [(key, ours_err, torch_err) for ratio, key, ours_err, torch_err in rows if ratio > 1]
-  assert not bad, f"gradients further from float64 than {GRAD_FACTOR}x torch float32: {bad}"
-
-
 def _as_tuple(out):
   return out if isinstance(out, tuple) else (out,)
 
 
-def _torch_outputs_and_gradients(tm, x, cotangents, dtype):
-  """torch outputs and the gradients of sum(outputs * cotangents), in `dtype`."""
-  tm = tm.to(dtype)
+def _torch_outputs_and_gradients(tm, x, cotangents):
+  """torch outputs (channels last) and the gradients of sum(outputs * cotangents).
+
+  Computes in the dtype of `x`, which must be the dtype `tm` holds its
+  parameters in (load a float64 state dict into a module made float64 first:
+  `load_state_dict` casts to the module's dtype).
+  """
   tm.zero_grad()
-  xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy()).to(dtype).requires_grad_(True)
+  dtype = torch.from_numpy(x[:0]).dtype
+  xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy()).requires_grad_(True)
   outs = _as_tuple(tm(xt))
-  loss = sum((o * torch.from_numpy(_to_ncdhw(c)).to(dtype)).sum() for o, c in zip(outs, cotangents))
+  outs = [o[-1] if isinstance(o, list) else o for o in outs]  # the encoder's last stage
+  loss = sum((o * torch.from_numpy(np.moveaxis(c, -1, 1).copy() if c.ndim == 5 else c).to(dtype)).sum()
+             for o, c in zip(outs, cotangents))
   loss.backward()
   grads = {k: p.grad.double().numpy() for k, p in tm.named_parameters()}
   grads["input"] = np.moveaxis(xt.grad.double().numpy(), 1, -1)
-  return [o.detach().double().numpy() for o in outs], grads
+  outs = [o.detach().double().numpy() for o in outs]
+  return [np.moveaxis(o, 1, -1) if o.ndim == 5 else o for o in outs], grads
 
 
 def _jax_outputs_and_gradients(model, params, kind, x, cotangents):
   """One compiled program: the outputs and the pullback of `cotangents` (a linear loss)."""
   def run(p, xj):
-    out, pullback = jax.vjp(lambda p_, x_: model.apply({"params": p_}, x_), p, xj)
+    def apply(p_, x_):
+      out = model.apply({"params": p_}, x_)
+      return out[-1] if isinstance(out, list) else out  # the encoder's last stage
+    out, pullback = jax.vjp(apply, p, xj)
     return out, pullback(tuple(cotangents) if isinstance(out, tuple) else cotangents[0])
   out, (g_params, g_input) = jax.jit(run)(params, jnp.asarray(x))
   grads = {k: np.asarray(v, np.float64) for k, v in convert.params_to_numpy(g_params, kind).items()
            if not k.endswith("relative_position_index")}
   grads["input"] = np.asarray(g_input, np.float64)
-  return _as_tuple(out), grads
+  return [np.asarray(o, np.float64) for o in _as_tuple(out)], grads
 
 
-def _check_outputs_and_gradients(label, model, params, kind, tm, x, cotangents):
-  """Outputs (<= TOL max-abs vs torch float32) and gradients (`_check_gradients`), the
-  params exported into `tm` (the JAX -> MONAI direction)."""
+def _worst_errors(ours, truth, floor_fraction):
+  """Per-tensor relative L2 errors of `ours` against `truth`, largest first.
+
+  Norms are floored at `floor_fraction` of the largest tensor's norm: a conv
+  bias in front of an InstanceNorm has an exact gradient of 0.
+  """
+  assert ours.keys() == truth.keys()
+  floor = floor_fraction * max(float(np.linalg.norm(v)) for v in truth.values())
+  for key in truth:
+    assert ours[key].shape == truth[key].shape, key
+  return sorted(((_relative_l2(ours[key], truth[key], floor), key) for key in truth), reverse=True)
+
+
+# ---------------------------------------------------------------- float64: the proof
+# In float64 every path computes MONAI's function to rounding: outputs and every
+# gradient (the input's and each parameter's) agree to 1e-9 relative. float64
+# has no coin flips at LeakyReLU kinks: an input within float64 rounding of 0
+# has probability ~1e-16 per voxel.
+F64_TOL = 1e-9
+
+
+def _torch_reference(kind, in_channels, patch_merging, out_channels=3):
+  """The torch module of `kind` in float64, with the given merging order."""
+  from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top
+  if kind == "swin_unetr":
+    tm = monai_nets.SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=F)
+  elif kind == "ssl_head":
+    tm = TorchSSLHead(in_channels, feature_size=F)
+  else:
+    from monai.networks.nets.swin_unetr import SwinTransformer  # pylint: disable=g-import-not-at-top
+    tm = SwinTransformer(in_chans=in_channels, embed_dim=F, window_size=(7, 7, 7),
+                         patch_size=(2, 2, 2), depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24))
+  if patch_merging == "duplicated_neighbours":
+    import legacy_merging  # pylint: disable=g-import-not-at-top
+    legacy_merging.with_duplicated_neighbours(tm)
+  return tm.double().eval()
+
+
+def _float64_pair(kind, direction, patch_merging, x, seed, **model_kwargs):
+  """(JAX model, its params, the torch module holding the same weights), all float64.
+
+  direction "export": random JAX params written into torch (`params_to_torch`);
+  "import": perturbed torch weights read into JAX (`model_kwargs_from_state_dict`,
+  `params_from_torch`), the way a MONAI or BrainSegFounder file is.
+  """
+  in_channels = x.shape[-1]
+  tm = _torch_reference(kind, in_channels, patch_merging)
+  settings = dict(dtype=jnp.float64, param_dtype=jnp.float64, patch_merging=patch_merging,
+                  **model_kwargs)
+  if direction == "import":
+    torch.manual_seed(seed)
+    _perturb_torch(tm, seed)
+    sd = tm.state_dict()
+    model = models.build(kind, **convert.model_kwargs_from_state_dict(sd, kind), **settings)
+    return model, convert.params_from_torch(sd, kind, model), tm
+  extra = {"out_channels": 3} if kind == "swin_unetr" else {}
+  model = models.build(kind, in_channels=in_channels, feature_size=F, **extra, **settings)
+  params = _random_params(model, seed, jnp.asarray(x))
   tm.load_state_dict(convert.params_to_torch(params, kind), strict=True)
+  return model, params, tm
+
+
+def _check_float64(kind, shape, batch, direction, patch_merging="all_neighbours", seed=0,
+                   **model_kwargs):
+  """Outputs and all gradients of the float64 JAX model equal torch float64 to F64_TOL.
+
+  Gradient norms are floored at 1e-4 of the largest: a conv bias in front of an
+  InstanceNorm has an exact gradient of 0, which both sides give as rounding noise.
+  """
+  with jax.enable_x64(True):
+    x = np.random.default_rng(seed).standard_normal((batch,) + shape + (2,))
+    model, params, tm = _float64_pair(kind, direction, patch_merging, x, seed + 1, **model_kwargs)
+    out_shapes = jax.eval_shape(lambda p, x_: model.apply({"params": p}, x_), params, jnp.asarray(x))
+    out_shapes = out_shapes[-1:] if isinstance(out_shapes, list) else _as_tuple(out_shapes)
+    rng = np.random.default_rng(seed + 2)
+    cotangents = [rng.standard_normal(o.shape) for o in out_shapes]
+    outs, ours = _jax_outputs_and_gradients(model, params, kind, x, cotangents)
+  refs, truth = _torch_outputs_and_gradients(tm, x, cotangents)
+  out_errors = [float(np.abs(o - r).max() / np.abs(r).max()) for o, r in zip(outs, refs)]
+  grad_errors = _worst_errors(ours, truth, 1e-4)
+  print(f"\n[float64 {kind} {direction} {model.config.impl} remat={model.config.remat} "
+        f"{patch_merging} {batch}x{shape}] outputs {['%.1e' % e for e in out_errors]}, worst "
+        f"gradients {[('%.1e' % e, k) for e, k in grad_errors[:2]]} of {len(grad_errors)}")
+  assert max(out_errors) <= F64_TOL
+  assert grad_errors[0][0] <= F64_TOL, grad_errors[:5]
+
+
+# The cases share out the family of shapes and settings: every kernel path with
+# and without remat, non-cubic in each axis order, cubic, odd sizes, stage sizes
+# that are not a multiple of the 7^3 window, batch 2, both merging orders.
+# SwinUNETR inputs are multiples of 32 (MONAI's rule; 32^3 would leave MONAI's
+# InstanceNorm a 1^3 bottleneck, which torch refuses): stages of 16, 8 and 4
+# voxels, shifted blocks in stages 1-3.
+@pytest.mark.parametrize("impl,remat,shape,direction", [
+    ("xla", "none", (32, 32, 64), "export"),
+    ("cpu", "block", (64, 32, 32), "import"),
+])
+def test_swin_unetr_equals_monai_in_float64(impl, remat, shape, direction):
+  _check_float64("swin_unetr", shape, 1, direction, impl=impl, remat=remat, seed=10)
+
+
+# The SSL head needs >= 2 bottleneck tokens; (32, 32, 96) gives a 1x1x3 (odd)
+# bottleneck and 48-voxel first-stage windows padded to 49. (The "xla_dpa" and
+# "cudnn" kernels compute their softmax in float32 by design, so float64 runs
+# the einsum kernel; the kernels are compared in the attention tests below.)
+@pytest.mark.parametrize("impl,remat,shape,batch,direction", [
+    ("xla", "block", (64, 64, 32), 2, "export"),
+    ("cpu", "none", (32, 32, 96), 1, "import"),
+])
+def test_ssl_head_equals_reference_in_float64(impl, remat, shape, batch, direction):
+  _check_float64("ssl_head", shape, batch, direction, impl=impl, remat=remat, seed=20)
+
+
+# The encoder alone takes any even size: odd sizes at every stage (15, 21, 13
+# voxels after the patch embedding), which the patch mergings pad.
+@pytest.mark.parametrize("impl,remat,direction", [("xla", "none", "import"), ("cpu", "block", "export")])
+def test_encoder_equals_monai_in_float64_at_odd_sizes(impl, remat, direction):
+  _check_float64("encoder", (30, 42, 26), 2, direction, impl=impl, remat=remat, seed=30)
+
+
+@pytest.mark.parametrize("kind,impl,remat,shape,direction", [
+    ("swin_unetr", "xla", "block", (32, 64, 32), "export"),
+    ("encoder", "cpu", "none", (32, 32, 32), "import")])
+def test_duplicated_neighbours_merging_equals_pre_2025_monai_in_float64(kind, impl, remat, shape,
+                                                                         direction):
+  """The MONAI 0.9-1.4 patch-merging order (released BrainSegFounder weights),
+  against MONAI's modules with that order swapped in (tests/legacy_merging.py)."""
+  _check_float64(kind, shape, 1, direction, "duplicated_neighbours", impl=impl, remat=remat,
+                 seed=40)
+
+
+def test_merging_orders_compute_different_functions():
+  """The two orders are not a relabelling: the same weights give other outputs."""
+  x = jax.random.normal(jax.random.key(1), (1, 6, 4, 4, 3))
+  merges = [swin.PatchMerging(3, config=models.SwinConfig(patch_merging=order))
+            for order in ("all_neighbours", "duplicated_neighbours")]
+  params = _random_params(merges[0], 3, x)
+  a, b = (m.apply({"params": params}, x) for m in merges)
+  assert float(jnp.abs(a - b).max()) > 1e-2
+
+
+@pytest.mark.parametrize("branch_limit", [0, 1 << 40], ids=["slicewise", "im2col"])
+def test_cpu_conv_branches_equal_lax_conv_in_float64(monkeypatch, branch_limit):
+  """Each branch of `cpu_kernels.conv3d_same`, forced by its size threshold: the
+  output and both gradients (its custom VJP) equal `lax.conv_general_dilated`."""
+  monkeypatch.setattr(cpu_kernels, "IM2COL_MAX_ELEMENTS", branch_limit)
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 9, 6, 7, 5)))
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 5, 4)))
+    w = jnp.asarray(rng.standard_normal((2, 9, 6, 7, 4)))
+    reference = lambda x_, k_: jax.lax.conv_general_dilated(
+        x_, k_, (1, 1, 1), [(1, 1)] * 3, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    results = []
+    for conv in (cpu_kernels.conv3d_same, reference):
+      y, pullback = jax.vjp(conv, x, kernel)
+      results.append((y, *pullback(w)))
+  for ours, truth in zip(*results):
+    assert ours.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(truth), rtol=0, atol=1e-12 * float(jnp.abs(truth).max()))
+
+
+def test_float64_needs_x64():
+  with jax.enable_x64(False):
+    with pytest.raises(ValueError, match="jax_enable_x64"):
+      models.SwinConfig(dtype=jnp.float64)
+  with jax.enable_x64(True):
+    with pytest.raises(ValueError, match="needs attention='einsum'"):
+      models.SwinConfig(dtype=jnp.float64, param_dtype=jnp.float64, attention="xla_dpa")
+  with pytest.raises(ValueError, match="patch_merging='monai'"):
+    models.SwinConfig(patch_merging="monai")
+
+
+# ---------------------------------------------------------------- float32: the accuracy
+# float32 runs are judged against the float64 truth with tolerances a coin flip
+# cannot break. The Swin encoder is smooth (GELU, softmax, LayerNorm): its
+# float32 gradients are accurate to ~1e-5. The UNETR decoder and the SSL
+# reconstruction have LeakyReLU kinks: an input within float32 rounding of 0
+# takes either slope depending on fusion, instruction set and remat, and one
+# flipped voxel of a coarse stage moves every upstream gradient by ~1/sqrt(N)
+# (up to 1e-2 relative L2 measured at these sizes), so there only the outputs
+# are held tight and the gradients to 5e-2.
+def _float32_errors(kind, shape, batch, seed, **model_kwargs):
+  in_channels = 2
+  extra = {"out_channels": 3} if kind == "swin_unetr" else {}
+  model = models.build(kind, in_channels=in_channels, feature_size=F, **extra, **model_kwargs)
+  x = np.random.default_rng(seed).standard_normal((batch,) + shape + (in_channels,)).astype(np.float32)
+  params = _random_params(model, seed + 1, jnp.asarray(x))
+  out_shapes = jax.eval_shape(lambda p, x_: model.apply({"params": p}, x_), params, jnp.asarray(x))
+  out_shapes = out_shapes[-1:] if isinstance(out_shapes, list) else _as_tuple(out_shapes)
+  rng = np.random.default_rng(seed + 2)
+  cotangents = [rng.standard_normal(o.shape).astype(np.float32) for o in out_shapes]
   outs, ours = _jax_outputs_and_gradients(model, params, kind, x, cotangents)
-  ref32, torch32 = _torch_outputs_and_gradients(tm, x, cotangents, torch.float32)
-  _, torch64 = _torch_outputs_and_gradients(tm, x, cotangents, torch.float64)
-  diffs = [float(np.abs(_to_ncdhw(o) - r).max()) for o, r in zip(outs, ref32)]
-  print(f"\n[{label} {x.shape[1:4]}] output max-abs diffs {['%.2e' % d for d in diffs]}")
-  assert max(diffs) <= TOL
-  _check_gradients(label, ours, torch32, torch64)
+  tm = _torch_reference(kind, in_channels, "all_neighbours")
+  tm.load_state_dict({k: v.double() for k, v in convert.params_to_torch(params, kind).items()},
+                     strict=True)
+  refs, truth = _torch_outputs_and_gradients(tm, x.astype(np.float64),
+                                             [c.astype(np.float64) for c in cotangents])
+  out_errors = [float(np.abs(o - r).max() / np.abs(r).max()) for o, r in zip(outs, refs)]
+  return out_errors, _worst_errors(ours, truth, 1e-2)
 
 
 @pytest.mark.parametrize("impl,remat", [("xla", "block"), ("cpu", "none")])
-def test_swin_unetr_outputs_and_gradients_match_monai(impl, remat):
-  """Logits, and the input's and every parameter's gradient, of SwinUNETR against MONAI
-  (float64 autograd as the truth for gradients), weights exported JAX -> MONAI.
-
-  (32, 32, 64) is not a multiple of the 7^3 window at any stage, and stages 0-2 run
-  shifted blocks (32^3 would leave MONAI's training-mode InstanceNorm a 1^3 bottleneck).
-  remat here also shows that it changes neither outputs nor gradients.
-  """
-  model = models.SwinUNETR(in_channels=2, out_channels=3, feature_size=F, impl=impl, remat=remat)
-  params = _random_params(model, 11)
-  x = np.random.default_rng(12).standard_normal((1, 32, 32, 64, 2)).astype(np.float32)
-  cotangents = [_projection(x.shape[:-1] + (3,), 13)]
-  tm = monai_nets.SwinUNETR(in_channels=2, out_channels=3, feature_size=F)
-  _check_outputs_and_gradients(f"SwinUNETR {impl} remat={remat}", model, params, "swin_unetr",
-                               tm, x, cotangents)
+def test_float32_encoder_gradients_are_accurate(impl, remat):
+  out_errors, grad_errors = _float32_errors("encoder", (32, 32, 64), 1, 50, impl=impl, remat=remat)
+  print(f"\n[float32 encoder {impl}] outputs {out_errors}, worst gradients {grad_errors[:3]}")
+  assert max(out_errors) <= 1e-4
+  assert grad_errors[0][0] <= 1e-3, grad_errors[:5]
 
 
-@pytest.mark.parametrize("impl,kernel", [("xla", "xla_dpa"), ("cpu", "einsum")])
-def test_ssl_head_outputs_and_gradients_match_torch(impl, kernel):
-  """Rotation, contrastive and reconstruction outputs and every gradient of the SSL head
-  against the reference's autograd (float64 as the truth), weights exported JAX -> torch,
-  at a non-cubic (64, 64, 32) with two volumes. The XLA case runs the attention through
-  `jax.nn.dot_product_attention` (the einsum kernel's XLA path is the SwinUNETR test's)."""
-  from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top
-  model = models.SSLHead(in_channels=2, feature_size=F, impl=impl, attention=kernel)
-  params = _random_params(model, 7)
-  x = np.random.default_rng(8).standard_normal((2, 64, 64, 32, 2)).astype(np.float32)
-  cotangents = [_projection((2, 4), 9), _projection((2, 512), 10), _projection(x.shape, 11)]
-  _check_outputs_and_gradients(f"SSLHead {impl}/{kernel}", model, params, "ssl_head",
-                               TorchSSLHead(2, feature_size=F), x, cotangents)
+@pytest.mark.parametrize("kind,impl,kernel,shape,batch", [
+    ("swin_unetr", "cpu", "einsum", (32, 32, 64), 1),
+    ("ssl_head", "xla", "xla_dpa", (64, 64, 32), 2)])
+def test_float32_outputs_and_gradients_are_accurate(kind, impl, kernel, shape, batch):
+  out_errors, grad_errors = _float32_errors(kind, shape, batch, 60, impl=impl, attention=kernel)
+  print(f"\n[float32 {kind} {impl}] outputs {out_errors}, worst gradients {grad_errors[:3]}")
+  assert max(out_errors) <= 1e-4
+  assert grad_errors[0][0] <= 5e-2, grad_errors[:5]
 
 
 @pytest.mark.parametrize("name,expected", [("tiny", 62_191_941), ("small", 64_076_853),

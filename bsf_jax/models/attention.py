@@ -16,7 +16,8 @@ different regions, then takes a softmax. Three kernels compute it
   query rows are dropped.
 
 In every kernel q k^T accumulates in float32 (`preferred_element_type`) and the
-softmax runs in float32, whatever the compute dtype. A boolean mask gives the
+softmax runs in float32, whatever the compute dtype (float64 in a float64
+model: `swin_config.accumulation_dtype`). A boolean mask gives the
 same probabilities as MONAI's -100: exp(-100) ~ 4e-44 of a key's weight is
 below float32's resolution next to the unmasked keys (every token shares a
 region with itself).
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from bsf_jax.models import cpu_kernels
+from bsf_jax.models.swin_config import accumulation_dtype
 
 # cuDNN's fused attention kernels take token counts that are multiples of this.
 CUDNN_TOKEN_MULTIPLE = 64
@@ -40,7 +42,8 @@ def attention_probs(q, k, bias, mask):
   mask: (nW, n, n) additive float32, repeating every nW windows, or None.
   """
   bw, n, heads, _ = q.shape
-  logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32) + bias
+  logits = jnp.einsum("bnhd,bmhd->bhnm", q, k,
+                      preferred_element_type=accumulation_dtype(q.dtype)) + bias
   if mask is not None:
     nw = mask.shape[0]
     logits = logits.reshape(bw // nw, nw, heads, n, n) + mask[None, :, None]
@@ -65,7 +68,7 @@ def sum_over_windows(g: jax.Array) -> jax.Array:
   trailing = g.shape[1:]
   rows = g.reshape(g.shape[0], -1)
   ones = jnp.ones((rows.shape[0],), rows.dtype)
-  return jnp.dot(ones, rows, preferred_element_type=jnp.float32).reshape(trailing)
+  return jnp.dot(ones, rows, preferred_element_type=accumulation_dtype(rows.dtype)).reshape(trailing)
 
 
 def _with_probs(q, k, v, bias, mask):
@@ -108,12 +111,13 @@ def _einsum_attention_bwd(impl, res, d_out):
   del impl  # The backward is whole-array einsums on every path.
   q, k, v, probs, out, mask = res
   d_v = jnp.einsum("bhnm,bnhd->bmhd", probs, d_out)
-  d_probs = jnp.einsum("bnhd,bmhd->bhnm", d_out, v, preferred_element_type=jnp.float32)
+  acc = accumulation_dtype(q.dtype)
+  d_probs = jnp.einsum("bnhd,bmhd->bhnm", d_out, v, preferred_element_type=acc)
   # An elementwise product and a minor-axis sum (as an einsum, XLA:CPU makes
   # it a batched dot with a head_dim-long contraction, which is slower).
-  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  row = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1)
   row = row.transpose(0, 2, 1)  # (bw, heads, n)
-  d_logits = probs.astype(jnp.float32) * (d_probs - row[..., None])
+  d_logits = probs.astype(acc) * (d_probs - row[..., None])
   d_bias = sum_over_windows(d_logits)
   d_logits = d_logits.astype(q.dtype)
   d_q = probs_times(d_logits, k)
@@ -149,7 +153,7 @@ def dot_product_attention(q, k, v, bias, mask, *, implementation: str,
   boolean_mask = None if mask is None else region_mask(mask, bw)
   # cuDNN takes the bias in the compute dtype; the XLA implementation adds a
   # float32 bias to its float32 logits.
-  bias = bias[None].astype(q.dtype if implementation == "cudnn" else jnp.float32)
+  bias = bias[None].astype(q.dtype if implementation == "cudnn" else accumulation_dtype(q.dtype))
   lengths = None
   if padded != n:
     pad = padded - n

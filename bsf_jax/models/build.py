@@ -51,6 +51,21 @@ def build(kind: str, **kwargs) -> Any:
   return _CONSTRUCTORS[kind](**kwargs)
 
 
+def patch_merging_of(config: Any) -> str:
+  """`config.model.patch_merging`, with "auto" resolved where no source decides it.
+
+  "auto" with a `config.init_from` is resolved against the source before the
+  model is built (`transfer.resolve_patch_merging`, at the start of a run).
+  """
+  order = config.model.get("patch_merging", "auto")
+  if order != "auto":
+    return order
+  if config.get("init_from"):
+    raise ValueError("config.model.patch_merging='auto' is resolved from config.init_from "
+                     "by transfer.resolve_patch_merging before the model is built")
+  return "all_neighbours"
+
+
 def from_config(config: Any, devices=None) -> Any:
   """The module named by `config.model`, one input channel per modality.
 
@@ -65,7 +80,8 @@ def from_config(config: Any, devices=None) -> Any:
       depths=tuple(cfg.depths), num_heads=tuple(cfg.num_heads),
       dropout_path_rate=cfg.dropout_path_rate, drop_rate=cfg.drop_rate,
       attn_drop_rate=cfg.attn_drop_rate, dtype=jnp.dtype(cfg.dtype),
-      remat=cfg.remat, impl=cfg.impl, attention=cfg.attention, devices=devices)
+      remat=cfg.remat, impl=cfg.impl, attention=cfg.attention,
+      patch_merging=patch_merging_of(config), devices=devices)
   if cfg.name == "ssl_head":
     return build("ssl_head", upsample=cfg.upsample, **kwargs)
   if cfg.name == "swin_unetr":

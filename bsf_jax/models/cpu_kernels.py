@@ -17,6 +17,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from bsf_jax.models.swin_config import accumulation_dtype
+
 # Largest im2col patch tensor (elements) for which a conv runs as one matmul.
 IM2COL_MAX_ELEMENTS = 2 ** 24
 
@@ -91,7 +93,7 @@ def _conv3d_slicewise_bwd(res, g):
   _, d, h, w, _ = x.shape
   g_rows = g.reshape(-1, c_out)
   d_kernel = jnp.stack([
-      jnp.dot(window.reshape(-1, c_in).T, g_rows, preferred_element_type=jnp.float32)
+      jnp.dot(window.reshape(-1, c_in).T, g_rows, preferred_element_type=accumulation_dtype(x.dtype))
       for window in _shifted_windows(_pad_same(x, k), k, d, h, w)])
   return input_vjp(g)[0], d_kernel.reshape(kernel.shape).astype(kernel.dtype)
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bsf_jax.models import cpu_kernels
-from bsf_jax.models.swin_config import SwinConfig, remat_module
+from bsf_jax.models.swin_config import SwinConfig, accumulation_dtype, remat_module
 
 # PyTorch's LayerNorm / InstanceNorm epsilon; Flax defaults to 1e-6.
 TORCH_NORM_EPS = 1e-5
@@ -42,10 +42,10 @@ def torch_conv_init(key, shape, dtype=jnp.float32):
 
 def layer_norm(x: jax.Array, eps: float = TORCH_NORM_EPS) -> jax.Array:
   """Parameter-free LayerNorm over the last axis (torch `F.layer_norm(x, [C])`)."""
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+  xa = x.astype(accumulation_dtype(x.dtype))
+  mean = jnp.mean(xa, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xa - mean), axis=-1, keepdims=True)
+  return ((xa - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 def instance_norm(x: jax.Array, eps: float = TORCH_NORM_EPS) -> jax.Array:
@@ -54,11 +54,11 @@ def instance_norm(x: jax.Array, eps: float = TORCH_NORM_EPS) -> jax.Array:
   Matches `torch.nn.InstanceNorm3d(C)` (affine=False, biased variance), which
   is what MONAI's `norm_name="instance"` and the BSF SSL head use.
   """
-  x32 = x.astype(jnp.float32)
+  xa = x.astype(accumulation_dtype(x.dtype))
   axes = tuple(range(1, x.ndim - 1))
-  mean = jnp.mean(x32, axis=axes, keepdims=True)
-  var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
-  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+  mean = jnp.mean(xa, axis=axes, keepdims=True)
+  var = jnp.mean(jnp.square(xa - mean), axis=axes, keepdims=True)
+  return ((xa - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 def leaky_relu(x: jax.Array) -> jax.Array:
@@ -117,7 +117,8 @@ def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
   """y + bias (broadcast over all but the last axis), in y's dtype.
 
   The bias gradient is a sum over every voxel of the batch; autodiff would sum
-  in y's dtype, which in bfloat16 loses most of it, so it is summed in float32.
+  in y's dtype, which in bfloat16 loses most of it, so it is summed in float32
+  (float64 for a float64 model).
   """
   return y + bias.astype(y.dtype)
 
@@ -128,7 +129,7 @@ def _add_bias_fwd(y, bias):
 
 def _add_bias_bwd(bias, g):
   axes = tuple(range(g.ndim - 1))
-  return g, jnp.sum(g, axis=axes, dtype=jnp.float32).astype(bias.dtype)
+  return g, jnp.sum(g, axis=axes, dtype=accumulation_dtype(g.dtype)).astype(bias.dtype)
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)

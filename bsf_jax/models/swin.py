@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bsf_jax.models import attention, layers
-from bsf_jax.models.swin_config import SwinConfig, remat_module
+from bsf_jax.models.swin_config import (PATCH_MERGING_ORDERS, SwinConfig, accumulation_dtype,
+                                        remat_module)
 
 MASK_VALUE = -100.0  # MONAI's value for cross-region pairs in shifted windows.
 
@@ -139,7 +140,8 @@ class WindowAttention(nn.Module):
     q = q * (hd ** -0.5)
     # MONAI slices the full window's index with [:n, :n] even when the window
     # shrank (small feature maps); slicing the full bias reproduces that.
-    bias = relative_position_bias(table, self.window_size)[:, :n, :n].astype(jnp.float32)
+    bias = relative_position_bias(table, self.window_size)[:, :n, :n]
+    bias = bias.astype(accumulation_dtype(cfg.dtype))
     if cfg.attn_drop_rate == 0.0 or deterministic:
       y = attention.window_attention(q, k, v, bias, mask, impl=cfg.impl, kernel=cfg.attention)
     else:
@@ -212,19 +214,22 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-  """MONAI v1 `PatchMerging`: concat 8 neighbours in MONAI's order, LayerNorm(8C), Linear(8C->2C)."""
+  """MONAI v1 `PatchMerging`: concat 8 neighbours, LayerNorm(8C), Linear(8C->2C).
+
+  The neighbours come in the order `config.patch_merging` names
+  (`swin_config.PATCH_MERGING_ORDERS`): MONAI >= 1.5's, or the order of MONAI
+  0.9 to 1.4 that released BrainSegFounder weights were trained with.
+  """
   dim: int
   config: SwinConfig = SwinConfig()
-
-  # (d, h, w) offsets in the order of MONAI's x0..x7.
-  OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
 
   @nn.compact
   def __call__(self, x):
     cfg = self.config
     _, d, h, w, _ = x.shape
     x = jnp.pad(x, ((0, 0), (0, d % 2), (0, h % 2), (0, w % 2), (0, 0)))
-    x = jnp.concatenate([x[:, i::2, j::2, k::2, :] for i, j, k in self.OFFSETS], axis=-1)
+    offsets = PATCH_MERGING_ORDERS[cfg.patch_merging]
+    x = jnp.concatenate([x[:, i::2, j::2, k::2, :] for i, j, k in offsets], axis=-1)
     x = _norm("norm", cfg)(x)
     return layers.Dense(2 * self.dim, use_bias=False, config=cfg,
                         kernel_init=nn.initializers.truncated_normal(0.02), name="reduction")(x)

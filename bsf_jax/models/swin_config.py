@@ -34,6 +34,32 @@ REMAT_POLICIES = ("dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable", "nothing_saveable")
 REMAT_CHOICES = ("none", "block") + REMAT_POLICIES
 
+# The order in which a patch merging concatenates the 8 voxels of each 2x2x2
+# block, as (d, h, w) offsets (monai/networks/nets/swin_unetr.py,
+# `PatchMerging.forward`, x0..x7). MONAI 0.9 to 1.4 took (0, 1, 0) and (0, 0, 1)
+# twice and never (1, 1, 0) or (0, 1, 1); it was kept for weight compatibility
+# (MONAI PR 5106, declined) and fixed in MONAI 1.5.0 (issue 8284, PR 8285).
+# Weights trained before then, BrainSegFounder's released checkpoints and
+# MONAI's `model_swinvit.pt` among them, expect "duplicated_neighbours".
+PATCH_MERGING_ORDERS = {
+    "all_neighbours": ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1),
+                       (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)),
+    "duplicated_neighbours": ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1),
+                              (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1)),
+}
+# The MONAI releases whose `SwinUNETR` computes each order.
+MONAI_VERSIONS = {"all_neighbours": "MONAI >= 1.5.0",
+                  "duplicated_neighbours": "MONAI 0.9 to 1.4.x"}
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+  """What norms, softmax and matmul sums run in for compute `dtype`.
+
+  float32 for bfloat16/float16/float32 compute; float64 compute stays
+  float64, so a float64 model is a float64 computation end to end.
+  """
+  return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
+
 
 def resolve_impl(impl: str, devices: Sequence[jax.Device] | None = None) -> str:
   """"auto" -> "cpu" when the run's devices are CPUs, else "xla".
@@ -95,7 +121,10 @@ class SwinConfig:
     impl: "xla" or "cpu" ("auto" must be resolved with `resolve_impl` first).
     attention: one of `ATTENTION_KERNELS`.
     remat: one of `REMAT_CHOICES`.
-    dtype: compute dtype; param_dtype: parameter dtype.
+    patch_merging: a key of `PATCH_MERGING_ORDERS`, the neighbour order the
+      weights were trained with.
+    dtype: compute dtype; param_dtype: parameter dtype (float64 needs
+      `jax_enable_x64`).
   """
   feature_size: int = 48
   depths: tuple[int, ...] = (2, 2, 2, 2)
@@ -111,6 +140,7 @@ class SwinConfig:
   impl: str = "xla"
   attention: str = "einsum"
   remat: str = "none"
+  patch_merging: str = "all_neighbours"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -135,6 +165,15 @@ class SwinConfig:
       raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype "
                        f"(cuDNN's fused attention has no float32 kernel), got {self.dtype}; "
                        "use attention='xla_dpa' or 'einsum' in float32")
+    if self.patch_merging not in PATCH_MERGING_ORDERS:
+      raise ValueError(f"SwinConfig.patch_merging={self.patch_merging!r}: expected one of "
+                       f"{tuple(PATCH_MERGING_ORDERS)}")
+    if jnp.float64 in (self.dtype, self.param_dtype) and not jax.config.jax_enable_x64:
+      raise ValueError("a float64 SwinConfig needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
+                       "jax.config.update('jax_enable_x64', True) before building the model")
+    if self.dtype == jnp.float64 and self.attention != "einsum":
+      raise ValueError(f"attention={self.attention!r} computes its softmax in float32 "
+                       "(jax.nn.dot_product_attention); a float64 model needs attention='einsum'")
     if len(self.depths) != 4 or len(self.num_heads) != 4:
       raise ValueError(f"the Swin encoder has 4 stages: got depths={self.depths}, "
                        f"num_heads={self.num_heads}")

@@ -9,12 +9,14 @@ ATLAS). The best checkpoint is the one with the highest mean Dice.
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bsf_jax import inference, losses, models, scoring, sharding
+from bsf_jax import inference, losses, models, scoring, sharding, transfer
 from bsf_jax.data import pipeline
 from bsf_jax.trainers import loop
 
@@ -44,6 +46,7 @@ def make_loss_fn(model, seg: ml_collections.ConfigDict):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  logging.info("%s", transfer.resolve_patch_merging(config))
   mesh = sharding.create_mesh(config.mesh)
   if config.seg.freeze_encoder:
     config.optim.freeze = "^swinViT/"

@@ -9,13 +9,14 @@ reference selects it.
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bsf_jax import augment, models, sharding, ssl_step
+from bsf_jax import augment, models, sharding, ssl_step, transfer
 from bsf_jax.data import pipeline
 from bsf_jax.trainers import loop
 
@@ -24,6 +25,7 @@ _EVAL_SEED = 20240101
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  logging.info("%s", transfer.resolve_patch_merging(config))
   mesh = sharding.create_mesh(config.mesh)
   model = models.from_config(config, devices=list(mesh.devices.flat))
   dtype = jnp.dtype(config.model.dtype)
