@@ -11,7 +11,9 @@ A config file looks like (big_vision style):
     arg = config_lib.parse_arg(arg, size="tiny", runlocal=False)
     config = config_lib.base_config(trainer="pretrain")
     ...
-    return config_lib.finalize(config, arg)
+    if arg.runlocal:
+      config_lib.runlocal(config)
+    return config
 """
 
 from __future__ import annotations

@@ -15,10 +15,12 @@ SSL objectives (the paper's Stage 1 pretraining), used by the pretraining step:
 Negatives for NT-Xent: the reference (`Contrast` in BrainSegFounder
 `pretrain/losses/loss.py`) runs under DistributedDataParallel, so every GPU
 builds its similarity matrix from its *own* mini-batch (2 x 2 samples per GPU
-in stage 1): each anchor sees 2B_local - 2 negatives. Here the loss is called on
-the *global* batch array, so each anchor sees 2B_global - 2 negatives from all
-devices; XLA inserts the all-gather. With one device the two are identical.
-See docs/ssl.md.
+in stage 1): each anchor sees 2B_local - 2 negatives. The SSL step
+(`ssl_step.py`) calls these losses on each device's own rows under
+`shard_map`: with `negatives="device"` as the reference does; with
+`negatives="global"` it first all-gathers the embeddings of every device
+explicitly, so each anchor sees 2B_global - 2 negatives. With one device the
+two are identical. See docs/ssl.md.
 
 Segmentation losses, channels-last ([B, H, W, D, K]), following
 `monai.losses.DiceLoss` / `DiceCELoss` (MONAI 1.6):

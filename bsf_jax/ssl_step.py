@@ -6,7 +6,7 @@ forward pass of the SSL head (concatenated on the batch axis, so the matmuls
 are twice as large), then rotation CE + NT-Xent + L1 reconstruction
 (`losses`).
 
-Everything runs on each device's own rows (`train_step.sharded_loss`), as
+Everything runs on each device's own rows (`train_step.sharded_value_and_grad`), as
 each GPU of the reference's DDP run does: views, rotations, cutout boxes,
 swap-drop partners and the concatenation never leave the device. Swap-drop
 partners are drawn within groups of `swap_group_size` consecutive samples (a

@@ -19,7 +19,7 @@
 - The state is donated: its buffers are reused for the new state, so a step
   needs one copy of params and optimizer state, not two.
 - Metrics are returned as replicated device scalars; the trainer fetches them
-  every `log_every_steps`, so the loop never waits on the host.
+  every `config.train.log_every` steps, so the loop never waits on the host.
 - Non-finite guard: if the loss or the gradient norm is NaN/Inf, the update
   is dropped with `jnp.where` (params and optimizer state stay bit-identical),
   `nonfinite_count` grows and `metrics["nonfinite"]` is 1. Under "skip",

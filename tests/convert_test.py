@@ -243,3 +243,38 @@ def test_unmatched_key_of_a_release_is_named(tmp_path):
   torch.save(blob, files[0][1])
   with pytest.raises(convert.ConversionError, match="unexpected key: rotation_pre.weight"):
     convert.main(["--from", files[0][1], "--to", str(tmp_path / "ckpt")])
+
+
+@pytest.mark.parametrize("order", ["duplicated_neighbours", "all_neighbours"])
+def test_released_ssl_checkpoint_imports_as_the_function_it_was_trained_as(tmp_path, order):
+  """A BrainSegFounder-layout SSL checkpoint, read as `config.init_from` reads it,
+  computes what the torch model it came from computes: the pre-2025 order
+  (unrecorded, implied by the layout) and MONAI 1.5's (recorded by bsf_jax)."""
+  import legacy_merging  # pylint: disable=g-import-not-at-top
+  from bsf_jax import transfer  # pylint: disable=g-import-not-at-top
+  from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(5)
+  tm = TorchSSLHead(2, feature_size=F, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+  with torch.no_grad():
+    for p in tm.parameters():
+      p.add_(0.05 * torch.randn(p.shape))
+  path = str(tmp_path / "release.pt")
+  if order == "duplicated_neighbours":
+    legacy_merging.with_duplicated_neighbours(tm)
+    torch.save({"state_dict": {"module." + k: v for k, v in tm.state_dict().items()},
+                "epoch": 1, "global_step": 2}, path)
+  else:
+    convert.save_torch_file(tm.state_dict(), path, order, bsf=True)
+  params, _, report = transfer.load_source(path)
+  assert f"patch merging: {order}" in report
+  read = convert.read_torch_file(path)
+  model = models.build("ssl_head", **read.architecture(), patch_merging=read.patch_merging)
+  x = np.random.default_rng(6).standard_normal((1, 64, 32, 32, 2)).astype(np.float32)
+  with jax.default_matmul_precision("highest"):
+    ours = jax.jit(lambda p, x_: model.apply({"params": p}, x_))(params, jnp.asarray(x))
+  with torch.no_grad():
+    theirs = tm.eval()(torch.from_numpy(x).permute(0, 4, 1, 2, 3))
+  theirs = [t.numpy() for t in theirs]
+  theirs[2] = theirs[2].transpose(0, 2, 3, 4, 1)
+  for a, b in zip(ours, theirs):
+    assert float(np.abs(np.asarray(a) - b).max() / np.abs(b).max()) <= 1e-5

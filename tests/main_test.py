@@ -1,8 +1,9 @@
 """End to end through the real entry points on the small demo cohort.
 
-Covers issue 5's acceptance: 2 steps, then a resume that continues from step
-2; a stage-1 -> stage-2 transfer with channel expansion (2 -> 4 modalities by
-name); stage 3 and export -> strict MONAI load with equal logits.
+2 steps, then a resume that continues from step 2; a stage-1 -> stage-2
+transfer with channel expansion (2 -> 4 modalities by name) from stage 1's
+best checkpoint; stage 3 from a BrainSegFounder release file with the pre-2025
+merging order, and export -> strict MONAI load with equal logits.
 """
 
 import glob
@@ -83,40 +84,64 @@ def test_pretrain_resume_transfer_finetune_export(cohort, tmp_path, caplog):
   config = _tiny(load_config("stage2", "dataset=brats2021,runlocal=True"), brats, 2)
   config.init_from = s1
   config.train.eval_every = 0
+  caplog.clear()
   state = pretrain.train_and_evaluate(config, s2)
+  # init_from_step="best" (the default) ranks stage 1 by its own metric.
+  best = checkpointing.best_step(checkpointing.make_manager(s1, read_only=True), "val_rec")
+  assert f"init_from: {s1} step {best} (best by val_rec)" in caplog.text
   kernel = np.asarray(jax.device_get(
       state.params["swinViT"]["patch_embed"]["proj"]["kernel"]))
   assert kernel.shape[-2] == 4
 
-  # Stage 3 from stage 2 under FSDP (init_from lands in sharded params),
-  # then export to MONAI and load strictly.
+  # Stage 3 under FSDP from a BrainSegFounder release (init_from lands in
+  # sharded params): the {"state_dict": {"module.*"}, "epoch", ...} layout of a
+  # reference SSL head trained with MONAI's pre-2025 merging order, which
+  # "auto" picks up; then export to MONAI, strictly loadable, equal logits.
+  torch = pytest.importorskip("torch")
+  monai_nets = pytest.importorskip("monai.networks.nets")
+  import legacy_merging  # pylint: disable=g-import-not-at-top
+  from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  released = legacy_merging.with_duplicated_neighbours(TorchSSLHead(
+      4, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)))
+  release_file = str(tmp_path / "model_weights_BRATS-pretrain.pt")
+  torch.save({"state_dict": {f"module.{k}": v for k, v in released.state_dict().items()},
+              "epoch": 3, "global_step": 40, "optimizer": {"state": {}, "param_groups": []}},
+             release_file)
   s3 = str(tmp_path / "s3")
   config = _tiny(load_config("stage3", "dataset=brats2021,runlocal=True"), brats, 2)
-  config.init_from = s2
+  config.init_from = release_file
   config.train.eval_every = 0
   config.data.num_samples = 1
   config.mesh.update(num_devices=2, data=1, fsdp=2)
   state = finetune.train_and_evaluate(config, s3)
+  assert config.model.patch_merging == "duplicated_neighbours"
   decoder = state.params["decoder5"]["conv_block"]["conv1"]["kernel"]
   assert "fsdp" in str(decoder.sharding.spec), decoder.sharding
-  # Two AdamW steps move each weight by about 2 lr: stage 2's encoder
+  # Two AdamW steps move each weight by about 2 lr: the release's encoder
   # arrived (a fresh init would be O(0.1) away).
+  released_kernel = released.swinViT.patch_embed.proj.weight.detach().numpy().transpose(2, 3, 4, 1, 0)
   moved = np.abs(np.asarray(jax.device_get(
-      state.params["swinViT"]["patch_embed"]["proj"]["kernel"])) - kernel)
+      state.params["swinViT"]["patch_embed"]["proj"]["kernel"])) - released_kernel)
   assert moved.max() <= 3 * 2 * config.optim.lr, moved.max()
+  meta = checkpointing.read_meta(checkpointing.make_manager(s3, read_only=True), 2)
+  assert meta["contract"]["model"]["patch_merging"] == "duplicated_neighbours"
 
-  torch = pytest.importorskip("torch")
-  monai_nets = pytest.importorskip("monai.networks.nets")
   out = str(tmp_path / "s3.pt")
-  result = subprocess.run(
-      [sys.executable, "-m", "bsf_jax.export", f"--workdir={s3}",
-       "--format=monai", f"--out={out}"], capture_output=True, text=True,
-      timeout=300)
+  export = [sys.executable, "-m", "bsf_jax.export", f"--workdir={s3}", "--format=monai",
+            f"--out={out}"]
+  # MONAI >= 1.5 (installed here) would compute another function: refused, nothing written.
+  result = subprocess.run(export, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "--monai_before_1_5" in result.stderr, result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1 and not os.path.exists(out)
+  result = subprocess.run(export + ["--monai_before_1_5"], capture_output=True, text=True,
+                          timeout=300)
   assert result.returncode == 0, result.stderr
+  assert "MONAI 0.9 to 1.4.x computes the same function" in result.stdout
   net = monai_nets.SwinUNETR(in_channels=4, out_channels=3, feature_size=12,
                              depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
   net.load_state_dict(torch.load(out, weights_only=True), strict=True)
-  net.eval()
+  legacy_merging.with_duplicated_neighbours(net).eval()  # what MONAI 1.4 computes
   # 64^3: at 32^3 MONAI's InstanceNorm rejects the 1^3 bottleneck.
   x = np.random.default_rng(0).normal(size=(1, 64, 64, 64, 4)).astype(np.float32)
   from bsf_jax import models

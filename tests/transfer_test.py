@@ -104,3 +104,80 @@ def test_nothing_matching_is_an_error():
     transfer.transfer_params({"a": {"w": np.zeros(2)}}, _tree(2, 2),
                              src_modalities=None, tgt_modalities=("t1",),
                              adapt_channels=False)
+
+
+def _source_run(workdir, val_rec_by_step, name="ssl_head", patch_merging=None):
+  """A run's checkpoints whose params hold their step, ranked by val_rec."""
+  from bsf_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  manager = checkpointing.make_manager(workdir, keep_last=10, keep_best=10)
+  model = {"name": name} if patch_merging is None else {"name": name,
+                                                       "patch_merging": patch_merging}
+  for step, val_rec in val_rec_by_step.items():
+    state = {"params": {"w": np.full(2, float(step), np.float32)}, "step": np.int32(step)}
+    checkpointing.save(manager, step, state, None,
+                       {"contract": {"modalities": ["t1"], "model": model}},
+                       metrics={"val_rec": val_rec})
+  manager.wait_until_finished()
+  manager.close()
+
+
+@pytest.mark.parametrize("init_from_step, expected", [
+    ("best", 2), ("latest", 3), (1, 1), ("1", 1)])
+def test_init_from_step_picks_best_latest_or_a_number(tmp_path, init_from_step, expected):
+  _source_run(str(tmp_path), {1: 0.5, 2: 0.1, 3: 0.3})
+  params, modalities, origin = transfer.load_source(str(tmp_path), init_from_step)
+  assert float(params["w"][0]) == expected and modalities == ("t1",)
+  assert f"step {expected} (" in origin
+  if init_from_step == "best":
+    assert "best by val_rec" in origin
+
+
+def test_init_from_step_is_validated(tmp_path):
+  _source_run(str(tmp_path), {1: 0.5})
+  with pytest.raises(transfer.TransferError, match="init_from_step='newest'"):
+    transfer.load_source(str(tmp_path), "newest")
+  with pytest.raises(FileNotFoundError, match="kept steps: \\[1\\]"):
+    transfer.load_source(str(tmp_path), 5)
+
+
+def test_auto_patch_merging_follows_the_source(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from bsf_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  def config(init_from, order="auto"):
+    c = ml_collections.ConfigDict({"init_from": init_from,
+                                   "model": config_lib.model_config("swin_unetr")})
+    c.model.patch_merging = order
+    return c
+
+  none = config("")
+  assert transfer.resolve_patch_merging(none) == "patch merging all_neighbours"
+  assert none.model.patch_merging == "all_neighbours"
+  legacy = str(tmp_path / "legacy")
+  _source_run(legacy, {1: 0.5}, patch_merging="duplicated_neighbours")
+  c = config(legacy)
+  assert "from config.init_from" in transfer.resolve_patch_merging(c)
+  assert c.model.patch_merging == "duplicated_neighbours"
+  # A run written before the order was recorded computed MONAI 1.5's.
+  old = str(tmp_path / "old")
+  _source_run(old, {1: 0.5})
+  c = config(old)
+  transfer.resolve_patch_merging(c)
+  assert c.model.patch_merging == "all_neighbours"
+  # Stated against the source: allowed, and said.
+  c = config(legacy, "all_neighbours")
+  assert "NOT config.init_from's duplicated_neighbours" in transfer.resolve_patch_merging(c)
+  assert c.model.patch_merging == "all_neighbours"
+
+
+def test_auto_patch_merging_needs_a_bare_state_dict_stated(tmp_path):
+  torch = pytest.importorskip("torch")
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from bsf_jax import config_lib  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "bare.pt")
+  torch.save({"swinViT.patch_embed.proj.weight": torch.zeros(12, 1, 2, 2, 2)}, path)
+  c = ml_collections.ConfigDict({"init_from": path, "model": config_lib.model_config("swin_unetr")})
+  with pytest.raises(transfer.TransferError, match="config.model.patch_merging"):
+    transfer.resolve_patch_merging(c)
+  c.model.patch_merging = "duplicated_neighbours"
+  assert "as configured" in transfer.resolve_patch_merging(c)
