@@ -31,6 +31,7 @@ from bsf_jax.data import DataError
 from bsf_jax.data import datalists
 from bsf_jax.data import io
 from bsf_jax.data import labels as L
+from bsf_jax.data import store as store_lib
 from bsf_jax.data import transforms as T
 
 # Records skipped under on_error="skip", per process (each Grain worker
@@ -77,6 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.repeat_seed = 0
   # Optional folder for decoded .npy copies of the volumes (ours; speed).
   c.cache_dir = ""
+  # A prepared store (python -m bsf_jax.data.prepare; docs/data.md): records
+  # and crop-ready voxels come from it; no scan, no NIfTI read (ours; speed).
+  c.store = ""
   # Held-out fraction when no split is given (UKB scan, ATLAS) (ours).
   c.val_fraction = 0.2
   # Seed of that split and of scanned BraTS folds (ours).
@@ -208,13 +212,33 @@ def make_crops(loaded: Loaded, rng, spec: _Spec, augment: bool):
     raise DataError("NaN/Inf voxels (non-finite intensity statistics)")
   start, size = T.crop_region(chans, spec.intensity.foreground_threshold, spec.roi,
                               loaded.plane)
-  out = {"image": [], "label": []}
-  for corner in T.random_crop_starts(rng, start, size, spec.roi, spec.num_samples):
+
+  def cut(corner):
     img = np.stack([T.crop_with_fill(c, corner, spec.roi, spec.raw_fill) for c in chans], -1)
     if not np.isfinite(img.sum(dtype=np.float64)):
       raise DataError("NaN/Inf voxels in a crop")
     img = spec.intensity.apply(img, params)
     lab = None if label is None else T.crop_with_fill(label, corner, spec.roi, 0)
+    return img, lab
+  return sample_crops(rng, start, size, cut, spec, augment)
+
+
+def store_crops(record: dict, rng, spec: _Spec, augment: bool):
+  """`make_crops` of a store record: its box and normalised voxels are stored."""
+  subject = store_lib.Subject(record)
+  cut = lambda corner: subject.read((corner, spec.roi))
+  return sample_crops(rng, subject.box_start, subject.box_size, cut, spec, augment)
+
+
+def sample_crops(rng, start, size, cut, spec: _Spec, augment: bool):
+  """Crops at `num_samples` random corners of the region (start, size).
+
+  `cut(corner)` gives the normalised image crop and the raw label crop (or
+  None); the rng draws the corners, then the augmentation, in that order.
+  """
+  out = {"image": [], "label": []}
+  for corner in T.random_crop_starts(rng, start, size, spec.roi, spec.num_samples):
+    img, lab = cut(corner)
     if augment:
       flipped = T.rand_flip(rng, [img] if lab is None else [img, lab])
       img, lab = flipped[0], (flipped[1] if lab is not None else None)
@@ -238,6 +262,8 @@ class TrainTransform(grain.transforms.RandomMap):
 
   def random_map(self, record, rng):
     def run():
+      if "store" in record or "store_error" in record:
+        return store_crops(record, rng, self.spec, self.augment)
       loaded = load_record(record, self.spec, full_check=False)
       try:
         return make_crops(loaded, rng, self.spec, self.augment)
@@ -261,6 +287,11 @@ class _NotSkipped(grain.transforms.Filter):
 def _concat_crops(elements):
   """Batches volumes' crop stacks into one (volumes * S, ...) batch."""
   return {k: np.concatenate([e[k] for e in elements]) for k in elements[0]}
+
+
+def _load_datalist(cfg):
+  """(train, val) records: from the store's index when `data.store` is set."""
+  return (store_lib.load_datalist if cfg.store else datalists.load_datalist)(cfg)
 
 
 def _process(process_index, process_count):
@@ -317,7 +348,7 @@ def make_train_iter(cfg, *, task: str, seed: int, process_index=None,
   pi, pc = _process(process_index, process_count)
   volumes = _volumes_per_step(cfg, pc)
   if records is None:
-    records = datalists.load_datalist(cfg)[0]
+    records = _load_datalist(cfg)[0]
   if not records:
     raise DataError(f"{cfg.datalist or cfg.root}: empty training datalist")
   if len(records) < pc:
@@ -353,6 +384,8 @@ class EvalTransform(grain.transforms.RandomMap):
       return self._placeholder(c)
 
     def run():
+      if "store" in record or "store_error" in record:
+        return self._from_store(record, rng)
       loaded = load_record(record, self.spec)
       chans, label, affine = loaded.chans, loaded.label, loaded.affine
       if self.task == "ssl":
@@ -369,6 +402,18 @@ class EvalTransform(grain.transforms.RandomMap):
               "mask": np.asarray(True)}
     out = _guard(self.spec, record, run)
     return self._placeholder(c) if out is None else out
+
+  def _from_store(self, record, rng):
+    if self.task == "ssl":
+      out = store_crops(record, rng, self.spec, augment=False)
+      return {**out, "mask": np.ones(self.spec.num_samples, bool)}
+    subject = store_lib.Subject(record)
+    image, label = subject.read()
+    return {"image": np.ascontiguousarray(image),
+            "label": L.to_channels(label, self.spec.labels),
+            "raw_label": label.astype(np.int16), "affine": subject.affine,
+            "path": record["image"][0], "label_path": record["label"],
+            "mask": np.asarray(True)}
 
 
 def make_eval_iter(cfg, *, task: str, process_index=None, process_count=None,
@@ -393,7 +438,7 @@ def make_eval_iter(cfg, *, task: str, process_index=None, process_count=None,
   spec = _Spec.from_config(cfg, task)
   pi, pc = _process(process_index, process_count)
   if records is None:
-    records = datalists.load_datalist(cfg)[1]
+    records = _load_datalist(cfg)[1]
   if not records:
     raise DataError(f"{cfg.datalist or cfg.root}: empty validation datalist")
   if task == "ssl":

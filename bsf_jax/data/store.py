@@ -1,0 +1,334 @@
+"""A prepared store: the deterministic part of a stage's input chain, done once.
+
+`python -m bsf_jax.data.prepare` (prepare.py) reads each subject once (NIfTI,
+RAS, NaN/Inf and label checks), computes what every crop of it needs (the
+intensity statistics and the k-divisible foreground box of
+`transforms.crop_region`) and writes the voxels already normalised
+(`Intensity.apply`, an elementwise float32 map, so a crop of the normalised
+volume is bit for bit the normalised crop) with the label as one more
+channel. `config.data.store=DIR` then makes the pipelines read crops from
+it: no directory scan, no NIfTI header, no gzip, no statistics per sample.
+
+Layout of DIR:
+
+  plan.json        what is prepared: the data contract, the source sections
+                   (datalist or scan) and the subject list; written once.
+  subjects/XX/NAME.b2nd  one subject: float32 (H, W, D, C [+ 1 label]) in RAS,
+                   a Blosc2 NDArray (chunks of `CHUNKS`, each split in
+                   `BLOCKS`-sized blocks compressed with LZ4 + byte shuffle),
+                   so a crop decompresses only the blocks it touches (the
+                   layout nnU-Net v2 reads its preprocessed data with).
+  subjects/XX/NAME.json  the subject's entry (shape, box, statistics,
+                   affine, crc32 and size of the .b2nd); written last, so
+                   its presence marks the subject finished.
+  index.json       the plan plus every entry: the one file a run reads.
+
+Refusals (`StoreError`, one line naming the store and what differs): a store
+prepared for another roi, modalities, intensity or label convention; a
+subject file whose bytes differ from the crc32 recorded when it was written;
+a run's subject that the store does not hold.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from bsf_jax.data import DataError
+
+FORMAT = "bsf_jax.store"
+VERSION = 1
+INDEX = "index.json"
+PLAN = "plan.json"
+SUBJECTS = "subjects"
+# Chunk and block edge in voxels (all channels in one block). A 96^3 or
+# 128^3 crop decompresses only the 16^3 blocks it overlaps (1.2-1.5x the crop
+# instead of ~2.4x with 32^3 chunks); BENCHMARKS.md, data pipeline, has the
+# measurements behind these numbers.
+CHUNKS = 64
+BLOCKS = 16
+# The `contract.data_contract` keys a store's voxels depend on.
+CONTRACT_KEYS = ("dataset", "modalities", "roi", "intensity", "label_format",
+                 "labels")
+# The config.data field to name when a contract key differs.
+_FIELD = {"dataset": "data.dataset", "modalities": "data.modalities",
+          "roi": "data.roi", "intensity": "data.intensity/a_min/a_max",
+          "label_format": "data.label_format", "labels": "data.label_format"}
+
+try:  # ISA-L's crc32 reads ~10x faster than zlib's (the same checksum).
+  from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - depends on the environment.
+  from zlib import crc32 as _crc32
+
+
+class StoreError(ValueError):
+  """The store does not match the run, changed, or lacks a subject.
+
+  Not a `DataError`: `data.on_error="skip"` skips bad input files, never a
+  store that is not the one the run needs.
+  """
+
+
+def contract(data_cfg) -> dict[str, Any]:
+  """The part of the run's data contract that a store must match."""
+  from bsf_jax import contract as contract_lib  # pylint: disable=g-import-not-at-top
+  full = contract_lib.data_contract(data_cfg)
+  return {k: full[k] for k in CONTRACT_KEYS}
+
+
+def source(data_cfg) -> dict[str, Any]:
+  """Where the store's records come from, and the scan rules they depend on."""
+  if data_cfg.datalist:
+    return {"datalist": os.path.abspath(data_cfg.datalist),
+            "root": os.path.abspath(data_cfg.root) if data_cfg.root else ""}
+  out = {"scan": os.path.abspath(data_cfg.root)}
+  if data_cfg.dataset == "ukb":
+    out["min_slices"] = int(data_cfg.min_slices)
+  elif data_cfg.dataset == "brats":
+    out["split_seed"] = int(data_cfg.split_seed)  # the scan draws the folds
+  return out
+
+
+def key(record: dict) -> str:
+  """A subject's identity: its selected image paths and label path."""
+  return "\n".join([*record["image"], record.get("label") or ""])
+
+
+def subject_name(record: dict) -> str:
+  """File name stem: the record id made file-safe, plus a hash of its key."""
+  digest = hashlib.sha1(key(record).encode()).hexdigest()
+  safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(record["id"]))[:64]
+  return f"{digest[:2]}/{safe}-{digest[:12]}"
+
+
+def data_path(store: str, name: str) -> str:
+  return os.path.join(store, SUBJECTS, name + ".b2nd")
+
+
+def entry_path(store: str, name: str) -> str:
+  return os.path.join(store, SUBJECTS, name + ".json")
+
+
+def file_crc32(path: str) -> tuple[int, int]:
+  """(crc32, size) of a file, read in 8 MiB pieces."""
+  crc, size = 0, 0
+  with open(path, "rb") as f:
+    while piece := f.read(8 << 20):
+      crc = _crc32(piece, crc)
+      size += len(piece)
+  return crc, size
+
+
+def write_volume(path: str, array: np.ndarray) -> None:
+  """Writes a (H, W, D, C) float32 array as a Blosc2 NDArray file at `path`."""
+  import blosc2  # pylint: disable=g-import-not-at-top
+  c = array.shape[-1]
+  chunks = tuple(min(CHUNKS, s) for s in array.shape[:3]) + (c,)
+  blocks = tuple(min(BLOCKS, s) for s in chunks[:3]) + (c,)
+  blosc2.asarray(np.ascontiguousarray(array), urlpath=path, mode="w",
+                 chunks=chunks, blocks=blocks,
+                 cparams={"codec": blosc2.Codec.LZ4, "clevel": 5,
+                          "filters": [blosc2.Filter.SHUFFLE], "nthreads": 1})
+
+
+# --- Reading -------------------------------------------------------------
+
+# (path -> (size, mtime_ns, inode)) of the files this process has checked
+# against their crc32: a later read re-checks only when the file changed.
+_VERIFIED: dict[str, tuple[int, int, int]] = {}
+
+
+def _stat_key(path: str) -> tuple[int, int, int]:
+  st = os.stat(path)
+  return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def verify(entry: dict) -> None:
+  """Checks a subject file against the crc32 and size its entry recorded.
+
+  The whole file is checksummed the first time this process reads it, and
+  again whenever its size, mtime or inode changes; otherwise one `stat`.
+
+  Raises:
+    StoreError: missing file, or bytes that differ from when it was written.
+  """
+  path = entry["path"]
+  try:
+    now = _stat_key(path)
+  except FileNotFoundError:
+    raise StoreError(f"{path}: store file of subject {entry['id']} is missing "
+                     f"(the store changed after it was written; run prepare "
+                     f"again on {entry['store']})") from None
+  if _VERIFIED.get(path) == now:
+    return
+  crc, size = file_crc32(path)
+  if (crc, size) != (entry["crc32"], entry["bytes"]):
+    raise StoreError(
+        f"{path}: store file of subject {entry['id']} changed after it was "
+        f"written (crc32 {crc:08x}, {size} bytes; the index recorded "
+        f"{entry['crc32']:08x}, {entry['bytes']} bytes); run prepare again on "
+        f"{entry['store']} to rebuild it")
+  _VERIFIED[path] = now
+
+
+def open_subject(entry: dict):
+  """The verified subject's voxels: a Blosc2 NDArray (H, W, D, C [+ 1]).
+
+  Slicing it (`transforms.crop_with_fill` does) decompresses only the
+  blocks the slice touches and returns a NumPy array.
+  """
+  import blosc2  # pylint: disable=g-import-not-at-top
+  verify(entry)
+  try:
+    return blosc2.open(entry["path"], mode="r", dparams={"nthreads": 1})
+  except Exception as e:  # blosc2 raises several types for a bad frame.
+    raise StoreError(f"{entry['path']}: unreadable store file of subject "
+                     f"{entry['id']} ({type(e).__name__}: {e})") from e
+
+
+def _read_json(path: str, what: str) -> dict:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except FileNotFoundError:
+    raise StoreError(f"{path}: no {what} here") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise StoreError(f"{path}: {what} is not valid json ({e})") from e
+  if data.get("format") != FORMAT or data.get("version") != VERSION:
+    raise StoreError(f"{path}: not a {FORMAT} version {VERSION} {what} "
+                     f"(format {data.get('format')!r}, version "
+                     f"{data.get('version')!r})")
+  return data
+
+
+@functools.lru_cache(maxsize=4)
+def _load_index(path: str, stamp: tuple[int, int, int]) -> dict:
+  del stamp  # Part of the cache key only: a rewritten index is read again.
+  return _read_json(path, "store index (run python -m bsf_jax.data.prepare)")
+
+
+def load_index(store: str) -> dict:
+  """The store's index.json (cached per process while the file is unchanged)."""
+  path = os.path.join(os.path.abspath(store), INDEX)
+  try:
+    stamp = _stat_key(path)
+  except FileNotFoundError:
+    raise StoreError(
+        f"{path}: no store index here; run python -m bsf_jax.data.prepare "
+        f"--out={store} (every process of it must finish)") from None
+  return _load_index(path, stamp)
+
+
+def _fmt(value) -> str:
+  return json.dumps(value, sort_keys=True)
+
+
+def check_contract(store: str, made_for: dict, data_cfg) -> None:
+  """Refuses a run whose config needs other voxels than the store holds."""
+  wanted = contract(data_cfg)
+  for k in CONTRACT_KEYS:
+    if made_for.get(k) != wanted[k]:
+      raise StoreError(
+          f"{store}: prepared for {k} {_fmt(made_for.get(k))}, but this run "
+          f"has {_fmt(wanted[k])} ({_FIELD[k]}); prepare a store for this "
+          f"config (python -m bsf_jax.data.prepare --out=NEW_DIR)")
+
+
+def check_source(store: str, made_from: dict, data_cfg) -> None:
+  """Refuses a run whose scan rule would pick other records than the store's."""
+  for k in ("min_slices", "split_seed"):
+    if k in made_from and int(data_cfg[k]) != made_from[k]:
+      raise StoreError(
+          f"{store}: its records come from a scan of {made_from['scan']} with "
+          f"data.{k}={made_from[k]}, but this run has data.{k}={data_cfg[k]}; "
+          f"set data.{k}={made_from[k]} or prepare a store for this config")
+
+
+def load_datalist(data_cfg) -> tuple[list[dict], list[dict]]:
+  """`datalists.load_datalist` for a run reading `data_cfg.store`.
+
+  The records come from the index (split, few-shot and modalities as the run
+  asks), or from `data_cfg.datalist` when one is named (its subjects must all
+  be in the store). Each record gains "store": its entry with the absolute
+  path of its file; under on_error="skip", a subject that prepare could not
+  read gains "store_error" instead and is skipped when read, as it would be
+  without a store.
+
+  Raises:
+    StoreError: the store was prepared for another config, or lacks one of
+      the run's subjects (or prepare failed on it and on_error="raise").
+  """
+  from bsf_jax.data import datalists  # pylint: disable=g-import-not-at-top
+  store = os.path.abspath(data_cfg.store)
+  index = load_index(store)
+  check_contract(store, index["contract"], data_cfg)
+  if data_cfg.datalist:
+    train, val = datalists.load_datalist(data_cfg)
+  else:
+    check_source(store, index["source"], data_cfg)
+    train, val = datalists.load_datalist(data_cfg, sections=index["sections"])
+  entries = {key(e): e for e in index["subjects"]}
+  failed = {key(f): f["error"] for f in index["failed"]}
+  out = []
+  for records in (train, val):
+    attached = []
+    for r in records:
+      k = key(r)
+      if k in entries:
+        e = entries[k]
+        r = {**r, "store": {**e, "store": store,
+                            "path": data_path(store, e["name"])}}
+      elif k in failed and data_cfg.on_error == "skip":
+        r = {**r, "store_error": failed[k]}
+      elif k in failed:
+        raise StoreError(f"{store}: subject {r['id']} was not prepared: "
+                         f"{failed[k]} (fix the file and run prepare again, "
+                         f"or set data.on_error='skip')")
+      else:
+        raise StoreError(
+            f"{store}: subject {r['id']} ({', '.join(r['image'])}) is missing "
+            f"from the store; prepare it (python -m bsf_jax.data.prepare "
+            f"--out={store} with this run's datalist)")
+      attached.append(r)
+    out.append(attached)
+  return out[0], out[1]
+
+
+class Subject:
+  """One store record opened for reading (its file verified).
+
+  Attributes:
+    box_start, box_size: the crop region (`transforms.crop_region` of the
+      raw volume, stored by prepare).
+    affine: the RAS voxel-to-world matrix.
+  """
+
+  def __init__(self, record: dict):
+    if "store_error" in record:  # prepare failed on it (on_error="skip")
+      raise DataError(record["store_error"])
+    self.entry = record["store"]
+    self.array = open_subject(self.entry)
+    self.box_start = self.entry["box"]["start"]
+    self.box_size = self.entry["box"]["size"]
+    self.affine = np.asarray(self.entry["affine"], np.float64)
+
+  def read(self, region=None):
+    """(image (..., C), raw label (...) or None) of the volume or a region.
+
+    Args:
+      region: (corner, size) to crop; parts outside the volume read as 0,
+        the normalised value of the plain path's fill. None: the volume.
+    """
+    from bsf_jax.data import transforms as T  # pylint: disable=g-import-not-at-top
+    if region is None:
+      x = self.array[...]
+    else:
+      x = T.crop_with_fill(self.array, region[0], region[1], 0.0)
+    c = self.entry["channels"]
+    return x[..., :c], (x[..., c] if self.entry["has_label"] else None)
