@@ -213,40 +213,52 @@ def make_crops(loaded: Loaded, rng, spec: _Spec, augment: bool):
   start, size = T.crop_region(chans, spec.intensity.foreground_threshold, spec.roi,
                               loaded.plane)
 
-  def cut(corner):
+  def cut(corner, image_out, label_out):
     img = np.stack([T.crop_with_fill(c, corner, spec.roi, spec.raw_fill) for c in chans], -1)
     if not np.isfinite(img.sum(dtype=np.float64)):
       raise DataError("NaN/Inf voxels in a crop")
-    img = spec.intensity.apply(img, params)
-    lab = None if label is None else T.crop_with_fill(label, corner, spec.roi, 0)
-    return img, lab
-  return sample_crops(rng, start, size, cut, spec, augment)
+    image_out[...] = spec.intensity.apply(img, params)
+    if label_out is not None:
+      label_out[...] = L.to_channels(T.crop_with_fill(label, corner, spec.roi, 0),
+                                     spec.labels)
+  return sample_crops(rng, start, size, cut, len(chans), spec, augment)
 
 
 def store_crops(record: dict, rng, spec: _Spec, augment: bool):
-  """`make_crops` of a store record: its box and normalised voxels are stored."""
+  """`make_crops` of a store record: prepare stored the crop region, the
+  normalised voxels and the label's channels; a crop only decompresses them."""
   subject = store_lib.Subject(record)
-  cut = lambda corner: subject.read((corner, spec.roi))
-  return sample_crops(rng, subject.box_start, subject.box_size, cut, spec, augment)
+  regions = None if spec.labels is None else subject.regions()
+
+  def cut(corner, image_out, label_out):
+    subject.read(subject.image, corner, image_out)
+    if label_out is not None:
+      subject.read(regions, corner, label_out)
+  return sample_crops(rng, subject.box_start, subject.box_size, cut,
+                      subject.entry["channels"], spec, augment)
 
 
-def sample_crops(rng, start, size, cut, spec: _Spec, augment: bool):
+def sample_crops(rng, start, size, cut, channels: int, spec: _Spec, augment: bool):
   """Crops at `num_samples` random corners of the region (start, size).
 
-  `cut(corner)` gives the normalised image crop and the raw label crop (or
-  None); the rng draws the corners, then the augmentation, in that order.
+  `cut(corner, image_out, label_out)` writes the normalised image crop and,
+  for segmentation, the label's region channels into the batch. The rng draws
+  the corners, then each crop's augmentation, in that order.
   """
-  out = {"image": [], "label": []}
-  for corner in T.random_crop_starts(rng, start, size, spec.roi, spec.num_samples):
-    img, lab = cut(corner)
+  corners = T.random_crop_starts(rng, start, size, spec.roi, spec.num_samples)
+  image = np.empty((len(corners), *spec.roi, channels), np.float32)
+  label = (None if spec.labels is None else
+           np.empty((len(corners), *spec.roi, len(spec.labels.regions)), np.float32))
+  for i, corner in enumerate(corners):
+    cut(corner, image[i], None if label is None else label[i])
     if augment:
-      flipped = T.rand_flip(rng, [img] if lab is None else [img, lab])
-      img, lab = flipped[0], (flipped[1] if lab is not None else None)
-      img = T.rand_scale_shift(rng, img)
-    out["image"].append(img)
-    if lab is not None:
-      out["label"].append(L.to_channels(lab, spec.labels))
-  return {k: np.stack(v).astype(np.float32) for k, v in out.items() if v}
+      # Flips commute with the label -> channels map, so flipping the
+      # channels flips the label.
+      flipped = T.rand_flip(rng, [image[i]] if label is None else [image[i], label[i]])
+      image[i] = T.rand_scale_shift(rng, flipped[0])
+      if label is not None:
+        label[i] = flipped[1]
+  return {"image": image} if label is None else {"image": image, "label": label}
 
 
 class TrainTransform(grain.transforms.RandomMap):
@@ -286,6 +298,8 @@ class _NotSkipped(grain.transforms.Filter):
 
 def _concat_crops(elements):
   """Batches volumes' crop stacks into one (volumes * S, ...) batch."""
+  if len(elements) == 1:  # one volume per batch: its crops are the batch
+    return elements[0]
   return {k: np.concatenate([e[k] for e in elements]) for k in elements[0]}
 
 
@@ -408,9 +422,8 @@ class EvalTransform(grain.transforms.RandomMap):
       out = store_crops(record, rng, self.spec, augment=False)
       return {**out, "mask": np.ones(self.spec.num_samples, bool)}
     subject = store_lib.Subject(record)
-    image, label = subject.read()
-    return {"image": np.ascontiguousarray(image),
-            "label": L.to_channels(label, self.spec.labels),
+    image, label = subject.volume()
+    return {"image": image, "label": L.to_channels(label, self.spec.labels),
             "raw_label": label.astype(np.int16), "affine": subject.affine,
             "path": record["image"][0], "label_path": record["label"],
             "mask": np.asarray(True)}

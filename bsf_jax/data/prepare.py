@@ -87,15 +87,29 @@ def load_or_write_plan(data_cfg, out: str) -> dict:
   return plan
 
 
-def prepare_subject(record: dict, spec) -> tuple[np.ndarray, dict]:
-  """(array, entry) of one subject: normalised (H, W, D, C [+ label]) float32.
+def _padded(x: np.ndarray, origin: np.ndarray, shape: np.ndarray) -> np.ndarray:
+  """x placed at -origin in zeros of `shape` (+ x's trailing axes)."""
+  out = np.zeros(tuple(shape) + x.shape[3:], x.dtype)
+  lo = -origin
+  out[lo[0]:lo[0] + x.shape[0], lo[1]:lo[1] + x.shape[1], lo[2]:lo[2] + x.shape[2]] = x
+  return out
+
+
+def prepare_subject(record: dict, spec) -> tuple[dict[str, np.ndarray], dict]:
+  """(arrays, entry) of one subject.
+
+  Arrays: "image", the normalised (H', W', D', C) float32 volume zero-padded
+  to cover the crop region, and for segmentation "regions" (..., K) and the
+  raw "label" on the same grid; `entry["origin"]` is the volume voxel of the
+  grid's [0, 0, 0].
 
   Raises:
     DataError: naming the subject's file(s) and the problem.
   """
+  from bsf_jax.data import labels as L  # pylint: disable=g-import-not-at-top
   from bsf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   loaded = pipeline.load_record(record, spec)
-  chans = loaded.chans
+  chans, label = loaded.chans, loaded.label
   try:
     params = spec.intensity.fit(chans)
     if not all(np.isfinite(p).all() for p in params):
@@ -103,20 +117,27 @@ def prepare_subject(record: dict, spec) -> tuple[np.ndarray, dict]:
     start, size = T.crop_region(chans, spec.intensity.foreground_threshold, spec.roi)
   except DataError as e:  # e.g. no foreground: name the record's files
     raise DataError(f"{', '.join(record['image'])}: {e}") from e
-  image = spec.intensity.apply(np.stack(chans, -1), params)
-  if loaded.label is not None:
-    image = np.concatenate([image, loaded.label[..., None]], -1)
+  shape = np.asarray(chans[0].shape)
+  origin = np.minimum(start, 0)
+  grid = np.maximum(shape, start + size) - origin
+  arrays = {"image": _padded(spec.intensity.apply(np.stack(chans, -1), params),
+                             origin, grid)}
+  if label is not None:
+    arrays["regions"] = _padded(L.to_channels(label, spec.labels), origin, grid)
+    small = label.astype(np.uint8)
+    arrays["label"] = _padded(small if np.array_equal(small, label) else label,
+                              origin, grid)
   entry = {"id": record["id"], "image": record["image"], "label": record["label"],
-           "name": record["name"], "shape": list(chans[0].shape),
-           "channels": len(chans), "has_label": loaded.label is not None,
+           "name": record["name"], "shape": shape.tolist(), "origin": origin.tolist(),
+           "channels": len(chans), "has_label": label is not None,
            "box": {"start": [int(v) for v in start], "size": [int(v) for v in size]},
            "stats": [np.asarray(p).tolist() for p in params],
            "affine": loaded.affine.tolist()}
-  return image, entry
+  return arrays, entry
 
 
 def _finished(out: str, subject: dict) -> dict | None:
-  """The subject's entry if its file is there and matches it, else None."""
+  """The subject's entry if its files are there and match it, else None."""
   path = store.entry_path(out, subject["name"])
   if not os.path.isfile(path):
     return None
@@ -124,9 +145,11 @@ def _finished(out: str, subject: dict) -> dict | None:
     entry = json.load(f)
   if "error" in entry:
     return None  # Failed last time: try again.
-  data = store.data_path(out, subject["name"])
-  if not os.path.isfile(data) or store.file_crc32(data) != (entry["crc32"], entry["bytes"]):
-    return None
+  for name, recorded in entry["files"].items():
+    data = store.array_path(out, subject["name"], name)
+    if (not os.path.isfile(data)
+        or store.file_crc32(data) != (recorded["crc32"], recorded["bytes"])):
+      return None
   return entry
 
 
@@ -145,21 +168,25 @@ def _one(out: str, subject: dict, data_cfg_json: str) -> tuple[str, str]:
     return "verified", subject["id"]
   t0 = time.perf_counter()
   try:
-    array, entry = prepare_subject(subject, spec)
+    arrays, entry = prepare_subject(subject, spec)
   except DataError as e:
     if data_cfg.on_error != "skip":
       raise
     atomic_io.write_text(store.entry_path(out, subject["name"]),
                          json.dumps({**subject, "error": str(e)}))
     return "skipped", f"{subject['id']}: {e}"
-  data = store.data_path(out, subject["name"])
-  with atomic_io.atomic_path(data) as tmp:
-    store.write_volume(tmp, array)
-  entry["crc32"], entry["bytes"] = store.file_crc32(data)
+  entry["files"] = {}
+  for name, array in arrays.items():
+    path = store.array_path(out, subject["name"], name)
+    with atomic_io.atomic_path(path) as tmp:
+      store.write_array(tmp, array)
+    crc, size = store.file_crc32(path)
+    entry["files"][name] = {"crc32": crc, "bytes": size}
   atomic_io.write_text(store.entry_path(out, subject["name"]), json.dumps(entry))
+  stored = sum(f["bytes"] for f in entry["files"].values())
   nifti = sum(os.path.getsize(p) for p in subject["image"] + [subject["label"]] if p)
   return "prepared", (f"{subject['id']} in {time.perf_counter() - t0:.2f} s: "
-                      f"{entry['bytes'] / 2**20:.1f} MiB (NIfTI {nifti / 2**20:.1f} MiB)")
+                      f"{stored / 2**20:.1f} MiB (NIfTI {nifti / 2**20:.1f} MiB)")
 
 
 def build_index(out: str, plan: dict) -> bool:

@@ -13,14 +13,21 @@ Layout of DIR:
 
   plan.json        what is prepared: the data contract, the source sections
                    (datalist or scan) and the subject list; written once.
-  subjects/XX/NAME.b2nd  one subject: float32 (H, W, D, C [+ 1 label]) in RAS,
-                   a Blosc2 NDArray (chunks of `CHUNKS`, each split in
-                   `BLOCKS`-sized blocks compressed with LZ4 + byte shuffle),
-                   so a crop decompresses only the blocks it touches (the
-                   layout nnU-Net v2 reads its preprocessed data with).
-  subjects/XX/NAME.json  the subject's entry (shape, box, statistics,
-                   affine, crc32 and size of the .b2nd); written last, so
-                   its presence marks the subject finished.
+  subjects/XX/NAME.image.b2nd    normalised voxels, float32 (H, W, D, C) in
+                   RAS, zero-padded to cover the crop region (so every crop
+                   is one read of stored voxels), a Blosc2 NDArray: chunks
+                   of `CHUNKS`^3 split in `BLOCKS`^3 blocks, LZ4 + byte
+                   shuffle, all-zero chunks stored as a flag. A crop
+                   decompresses only the blocks it touches, straight into
+                   the batch (the layout nnU-Net v2 reads its data with).
+  subjects/XX/NAME.regions.b2nd  segmentation only: the label's region
+                   channels (`labels.to_channels`), float32 (..., K), same grid.
+  subjects/XX/NAME.label.b2nd    segmentation only: the raw label values
+                   (uint8 when they are integers 0..255, else float32), for
+                   validation's `raw_label`.
+  subjects/XX/NAME.json  the subject's entry (shape, padding origin, box,
+                   statistics, affine, crc32 and size of each file); written
+                   last, so its presence marks the subject finished.
   index.json       the plan plus every entry: the one file a run reads.
 
 Refusals (`StoreError`, one line naming the store and what differs): a store
@@ -107,8 +114,9 @@ def subject_name(record: dict) -> str:
   return f"{digest[:2]}/{safe}-{digest[:12]}"
 
 
-def data_path(store: str, name: str) -> str:
-  return os.path.join(store, SUBJECTS, name + ".b2nd")
+def array_path(store: str, name: str, array: str) -> str:
+  """The file of one array ("image", "regions" or "label") of a subject."""
+  return os.path.join(store, SUBJECTS, f"{name}.{array}.b2nd")
 
 
 def entry_path(store: str, name: str) -> str:
@@ -125,12 +133,11 @@ def file_crc32(path: str) -> tuple[int, int]:
   return crc, size
 
 
-def write_volume(path: str, array: np.ndarray) -> None:
-  """Writes a (H, W, D, C) float32 array as a Blosc2 NDArray file at `path`."""
+def write_array(path: str, array: np.ndarray) -> None:
+  """Writes an (H, W, D[, C]) array as a Blosc2 NDArray file at `path`."""
   import blosc2  # pylint: disable=g-import-not-at-top
-  c = array.shape[-1]
-  chunks = tuple(min(CHUNKS, s) for s in array.shape[:3]) + (c,)
-  blocks = tuple(min(BLOCKS, s) for s in chunks[:3]) + (c,)
+  chunks = tuple(min(CHUNKS, s) for s in array.shape[:3]) + array.shape[3:]
+  blocks = tuple(min(BLOCKS, s) for s in chunks[:3]) + array.shape[3:]
   blosc2.asarray(np.ascontiguousarray(array), urlpath=path, mode="w",
                  chunks=chunks, blocks=blocks,
                  cparams={"codec": blosc2.Codec.LZ4, "clevel": 5,
@@ -149,8 +156,8 @@ def _stat_key(path: str) -> tuple[int, int, int]:
   return st.st_size, st.st_mtime_ns, st.st_ino
 
 
-def verify(entry: dict) -> None:
-  """Checks a subject file against the crc32 and size its entry recorded.
+def verify(path: str, recorded: dict, what: str) -> None:
+  """Checks a store file against the crc32 and size recorded when written.
 
   The whole file is checksummed the first time this process reads it, and
   again whenever its size, mtime or inode changes; otherwise one `stat`.
@@ -158,37 +165,31 @@ def verify(entry: dict) -> None:
   Raises:
     StoreError: missing file, or bytes that differ from when it was written.
   """
-  path = entry["path"]
   try:
     now = _stat_key(path)
   except FileNotFoundError:
-    raise StoreError(f"{path}: store file of subject {entry['id']} is missing "
-                     f"(the store changed after it was written; run prepare "
-                     f"again on {entry['store']})") from None
+    raise StoreError(f"{path}: store file of {what} is missing (the store "
+                     f"changed after it was written; run prepare again)") from None
   if _VERIFIED.get(path) == now:
     return
   crc, size = file_crc32(path)
-  if (crc, size) != (entry["crc32"], entry["bytes"]):
+  if (crc, size) != (recorded["crc32"], recorded["bytes"]):
     raise StoreError(
-        f"{path}: store file of subject {entry['id']} changed after it was "
-        f"written (crc32 {crc:08x}, {size} bytes; the index recorded "
-        f"{entry['crc32']:08x}, {entry['bytes']} bytes); run prepare again on "
-        f"{entry['store']} to rebuild it")
+        f"{path}: store file of {what} changed after it was written (crc32 "
+        f"{crc:08x}, {size} bytes; recorded {recorded['crc32']:08x}, "
+        f"{recorded['bytes']} bytes); run prepare again to rebuild it")
   _VERIFIED[path] = now
 
 
-def open_subject(entry: dict):
-  """The verified subject's voxels: a Blosc2 NDArray (H, W, D, C [+ 1]).
-
-  Slicing it (`transforms.crop_with_fill` does) decompresses only the
-  blocks the slice touches and returns a NumPy array.
-  """
+def open_array(store: str, entry: dict, array: str):
+  """One verified array of a subject, as a Blosc2 NDArray (read lazily)."""
   import blosc2  # pylint: disable=g-import-not-at-top
-  verify(entry)
+  path = array_path(store, entry["name"], array)
+  verify(path, entry["files"][array], f"subject {entry['id']}")
   try:
-    return blosc2.open(entry["path"], mode="r", dparams={"nthreads": 1})
+    return blosc2.open(path, mode="r", dparams={"nthreads": 1})
   except Exception as e:  # blosc2 raises several types for a bad frame.
-    raise StoreError(f"{entry['path']}: unreadable store file of subject "
+    raise StoreError(f"{path}: unreadable store file of subject "
                      f"{entry['id']} ({type(e).__name__}: {e})") from e
 
 
@@ -282,8 +283,7 @@ def load_datalist(data_cfg) -> tuple[list[dict], list[dict]]:
       k = key(r)
       if k in entries:
         e = entries[k]
-        r = {**r, "store": {**e, "store": store,
-                            "path": data_path(store, e["name"])}}
+        r = {**r, "store": {**e, "store": store}}
       elif k in failed and data_cfg.on_error == "skip":
         r = {**r, "store_error": failed[k]}
       elif k in failed:
@@ -301,7 +301,7 @@ def load_datalist(data_cfg) -> tuple[list[dict], list[dict]]:
 
 
 class Subject:
-  """One store record opened for reading (its file verified).
+  """One store record opened for reading (each file verified when opened).
 
   Attributes:
     box_start, box_size: the crop region (`transforms.crop_region` of the
@@ -312,23 +312,42 @@ class Subject:
   def __init__(self, record: dict):
     if "store_error" in record:  # prepare failed on it (on_error="skip")
       raise DataError(record["store_error"])
-    self.entry = record["store"]
-    self.array = open_subject(self.entry)
-    self.box_start = self.entry["box"]["start"]
-    self.box_size = self.entry["box"]["size"]
-    self.affine = np.asarray(self.entry["affine"], np.float64)
+    self.entry = e = record["store"]
+    self._store = e["store"]
+    self._origin = np.asarray(e["origin"])  # volume voxel of stored [0, 0, 0]
+    self.box_start = e["box"]["start"]
+    self.box_size = e["box"]["size"]
+    self.affine = np.asarray(e["affine"], np.float64)
+    self.image = open_array(self._store, e, "image")
 
-  def read(self, region=None):
-    """(image (..., C), raw label (...) or None) of the volume or a region.
+  def read(self, array, corner, out: np.ndarray) -> np.ndarray:
+    """Decompresses the crop at volume voxel `corner` into `out` (roi, ...).
 
     Args:
-      region: (corner, size) to crop; parts outside the volume read as 0,
-        the normalised value of the plain path's fill. None: the volume.
+      array: an array from `open_array` (the image or region channels).
+      corner: crop corner in raw volume coordinates, inside the crop region
+        (the stored grid covers it, padded with zeros where it leaves the
+        volume: the normalised value of the plain path's fill).
+      out: C-contiguous float32 array of the crop's shape.
     """
-    from bsf_jax.data import transforms as T  # pylint: disable=g-import-not-at-top
-    if region is None:
-      x = self.array[...]
-    else:
-      x = T.crop_with_fill(self.array, region[0], region[1], 0.0)
-    c = self.entry["channels"]
-    return x[..., :c], (x[..., c] if self.entry["has_label"] else None)
+    start = np.asarray(corner) - self._origin
+    stop = start + np.asarray(out.shape[:3])
+    if (start < 0).any() or (stop > np.asarray(array.shape[:3])).any():
+      raise StoreError(f"{array_path(self._store, self.entry['name'], 'image')}: crop "
+                       f"at {list(corner)} leaves the stored grid {list(array.shape[:3])} "
+                       f"(origin {self._origin.tolist()})")
+    array.get_slice_numpy(out, (tuple(int(v) for v in start) + (0,) * (array.ndim - 3),
+                                tuple(int(v) for v in stop) + tuple(array.shape[3:])))
+    return out
+
+  def regions(self):
+    return open_array(self._store, self.entry, "regions")
+
+  def volume(self):
+    """(image (H, W, D, C), raw label (H, W, D) or None): the whole volume."""
+    lo = -self._origin
+    hi = lo + np.asarray(self.entry["shape"])
+    cut = lambda a: a[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    label = (cut(open_array(self._store, self.entry, "label"))
+             if self.entry["has_label"] else None)
+    return cut(self.image), label
