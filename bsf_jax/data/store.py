@@ -38,7 +38,9 @@ a run's subject that the store does not hold.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
 import json
 import os
@@ -208,6 +210,23 @@ def _read_json(path: str, what: str) -> dict:
   return data
 
 
+@contextlib.contextmanager
+def _gc_paused():
+  """Pauses the cyclic garbage collector while ~10^5 small objects are made.
+
+  Building them triggers collection after collection of everything alive
+  (measured: half of the time to load an 82,800-subject index); they hold no
+  cycles, and the collector runs again afterwards.
+  """
+  was = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if was:
+      gc.enable()
+
+
 @functools.lru_cache(maxsize=4)
 def _load_index(path: str, stamp: tuple[int, int, int]) -> dict:
   del stamp  # Part of the cache key only: a rewritten index is read again.
@@ -251,50 +270,83 @@ def check_source(store: str, made_from: dict, data_cfg) -> None:
           f"set data.{k}={made_from[k]} or prepare a store for this config")
 
 
+def every_record(data_cfg, sections: dict) -> list[dict]:
+  """Every record a run of this config could use from `sections`: all splits
+  and folds, no few-shot subset, modalities picked (ids kept)."""
+  from bsf_jax.data import datalists  # pylint: disable=g-import-not-at-top
+  use = ("training", "validation") if data_cfg.dataset == "ukb" else ("training",)
+  everyone = [r for name in use for r in sections.get(name, [])]
+  every_cfg = data_cfg.copy_and_resolve_references()
+  every_cfg.update(dict(val_fraction=0.0, fraction=1.0, fold=-2))
+  return datalists.load_datalist(every_cfg, sections={"training": everyone})[0]
+
+
+# Index columns of the subject table, one value per subject.
+COLUMNS = ("id", "name", "shape", "origin", "box", "channels", "files", "error")
+
+
+def _entry(store: str, table: dict, i: int) -> dict:
+  """The "store" field of a record: what a worker needs to read subject i."""
+  box = table["box"][i]
+  return {"store": store, "id": table["id"][i], "name": table["name"][i],
+          "shape": table["shape"][i], "origin": table["origin"][i],
+          "box": {"start": box[:3], "size": box[3:]},
+          "channels": table["channels"][i], "files": table["files"][i]}
+
+
 def load_datalist(data_cfg) -> tuple[list[dict], list[dict]]:
   """`datalists.load_datalist` for a run reading `data_cfg.store`.
 
   The records come from the index (split, few-shot and modalities as the run
   asks), or from `data_cfg.datalist` when one is named (its subjects must all
-  be in the store). Each record gains "store": its entry with the absolute
-  path of its file; under on_error="skip", a subject that prepare could not
-  read gains "store_error" instead and is skipped when read, as it would be
-  without a store.
+  be in the store). Each record gains "store", what reading it needs; under
+  on_error="skip", a subject that prepare could not read gains "store_error"
+  instead and is skipped when read, as it would be without a store.
 
   Raises:
     StoreError: the store was prepared for another config, or lacks one of
       the run's subjects (or prepare failed on it and on_error="raise").
   """
+  with _gc_paused():
+    return _load_datalist(data_cfg)
+
+
+def _load_datalist(data_cfg):
   from bsf_jax.data import datalists  # pylint: disable=g-import-not-at-top
   store = os.path.abspath(data_cfg.store)
   index = load_index(store)
   check_contract(store, index["contract"], data_cfg)
-  if data_cfg.datalist:
+  sections, table = index["sections"], index["subjects"]
+  # Section records name their subject's row in the table.
+  row = {r["id"]: r["subject"] for records in sections.values() for r in records
+         if "subject" in r}
+  if data_cfg.datalist:  # the run's own records, found by their files
     train, val = datalists.load_datalist(data_cfg)
+    by_key = {key(r): row[r["id"]] for r in every_record(data_cfg, sections)}
+    find = lambda r: by_key.get(key(r))
   else:
     check_source(store, index["source"], data_cfg)
-    train, val = datalists.load_datalist(data_cfg, sections=index["sections"])
-  entries = {key(e): e for e in index["subjects"]}
-  failed = {key(f): f["error"] for f in index["failed"]}
+    train, val = datalists.load_datalist(data_cfg, sections=sections)
+    find = lambda r: row.get(r["id"])
   out = []
   for records in (train, val):
     attached = []
     for r in records:
-      k = key(r)
-      if k in entries:
-        e = entries[k]
-        r = {**r, "store": {**e, "store": store}}
-      elif k in failed and data_cfg.on_error == "skip":
-        r = {**r, "store_error": failed[k]}
-      elif k in failed:
-        raise StoreError(f"{store}: subject {r['id']} was not prepared: "
-                         f"{failed[k]} (fix the file and run prepare again, "
-                         f"or set data.on_error='skip')")
-      else:
+      i = find(r)
+      if i is None:
         raise StoreError(
             f"{store}: subject {r['id']} ({', '.join(r['image'])}) is missing "
             f"from the store; prepare it (python -m bsf_jax.data.prepare "
-            f"--out={store} with this run's datalist)")
+            f"--out=NEW_DIR with this run's datalist)")
+      error = table["error"][i]
+      if error is None:
+        r["store"] = _entry(store, table, i)
+      elif data_cfg.on_error == "skip":
+        r["store_error"] = error
+      else:
+        raise StoreError(f"{store}: subject {r['id']} was not prepared: {error} "
+                         f"(fix the file and run prepare again, or set "
+                         f"data.on_error='skip')")
       attached.append(r)
     out.append(attached)
   return out[0], out[1]
@@ -306,7 +358,6 @@ class Subject:
   Attributes:
     box_start, box_size: the crop region (`transforms.crop_region` of the
       raw volume, stored by prepare).
-    affine: the RAS voxel-to-world matrix.
   """
 
   def __init__(self, record: dict):
@@ -317,8 +368,13 @@ class Subject:
     self._origin = np.asarray(e["origin"])  # volume voxel of stored [0, 0, 0]
     self.box_start = e["box"]["start"]
     self.box_size = e["box"]["size"]
-    self.affine = np.asarray(e["affine"], np.float64)
     self.image = open_array(self._store, e, "image")
+
+  @property
+  def affine(self) -> np.ndarray:
+    """The RAS voxel-to-world matrix (from the subject's entry file)."""
+    with open(entry_path(self._store, self.entry["name"])) as f:
+      return np.asarray(json.load(f)["affine"], np.float64)
 
   def read(self, array, corner, out: np.ndarray) -> np.ndarray:
     """Decompresses the crop at volume voxel `corner` into `out` (roi, ...).
@@ -349,5 +405,5 @@ class Subject:
     hi = lo + np.asarray(self.entry["shape"])
     cut = lambda a: a[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     label = (cut(open_array(self._store, self.entry, "label"))
-             if self.entry["has_label"] else None)
+             if "label" in self.entry["files"] else None)
     return cut(self.image), label
