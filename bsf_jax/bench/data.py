@@ -1,7 +1,7 @@
 """Data pipeline benchmark: crops/s per core, bsf_jax's input paths vs MONAI's.
 
     python -m bsf_jax.bench data [--real DIR] [--stages 1,3] [--subjects 4]
-        [--seconds 8] [--core 0] [--json OUT] [--small-demo]
+        [--seconds 5] [--rounds 3] [--core 0] [--json OUT] [--small-demo]
     python -m bsf_jax.bench data --memory-only [--memory 100] [--workers 2]
 
 One process pinned to one core (`os.sched_setaffinity`, inherited by every
@@ -26,8 +26,10 @@ a warm `data.cache_dir` ("cache") and from a prepared store ("store"; its
 preparation time and bytes per subject beside the NIfTI's are printed);
 MONAI `PersistentDataset` + `DataLoader(num_workers=0)` with the
 deterministic transforms cached on disk and warm ("MONAI persistent").
-Each side runs for `--seconds` after one untimed volume (which also fills
-the caches' first entry); the ratio column is against MONAI in the same run.
+Caches are filled first (one epoch each); then the sides take turns,
+`--rounds` times, each timed for `--seconds` after one untimed volume, and
+the median of each side is reported with its ratio to MONAI (the host
+augmentation rows against MONAI's with augmentation).
 `--json` writes the rates that `bench scale --data-rates` reads.
 `--small-demo` runs the same on small synthetic volumes with 16^3 crops
 (checks the bench itself, in seconds).
@@ -198,57 +200,65 @@ def _dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-def run_stage(stage: int, datalist: str, roi: int, seconds: float, tmp: str,
+_NAMES = {"plain": "bsf_jax plain NIfTI", "cache": "bsf_jax warm data.cache_dir",
+          "store": "bsf_jax store", "monai_persistent": "MONAI PersistentDataset",
+          "store_host_augment": "bsf_jax store + host augmentation",
+          "monai_persistent_host_augment": "MONAI persistent + host augmentation"}
+
+
+def run_stage(stage: int, datalist: str, roi: int, seconds: float, rounds: int, tmp: str,
               log=print) -> dict:
-  """Every side of one stage; returns {"rates": {...}, "store": {...}}."""
+  """Every side of one stage, `rounds` times in turn (median rates kept).
+
+  Returns:
+    {"rates": {side: median crops/s}, "rounds": {side: [crops/s per round]},
+     "store": {bytes and prepare time per subject}}.
+  """
   from bsf_jax.data import prepare  # pylint: disable=g-import-not-at-top
   cfg = stage_config(stage, datalist, roi)
-  rates = {}
-  rates["plain"] = time_bsf(cfg, seconds)
-  log(f"  bsf_jax plain NIfTI:        {rates['plain']:8.2f} crops/s")
   cached = cfg.copy_and_resolve_references()
   cached.cache_dir = os.path.join(tmp, f"cache{stage}")
   warm = pipeline.make_train_iter(cached, task=_task(cached), seed=1, process_index=0,
                                   process_count=1)
   for _ in _records(datalist):  # one epoch decodes every file into the cache
     next(warm)
-  rates["cache"] = time_bsf(cached, seconds)
-  log(f"  bsf_jax warm data.cache_dir: {rates['cache']:7.2f} crops/s")
   out = os.path.join(tmp, f"store{stage}")
   t0 = time.perf_counter()
   counts = prepare.run(cfg, out, log=lambda *_: None)
-  prep_s = (time.perf_counter() - t0) / counts["subjects"]
+  n = counts["subjects"]
+  prep_s = (time.perf_counter() - t0) / n
   stored = cfg.copy_and_resolve_references()
   stored.store = out
-  rates["store"] = time_bsf(stored, seconds)
-  n = counts["subjects"]
   store_bytes = _dir_bytes(os.path.join(out, "subjects")) / n
   nifti = sum(os.path.getsize(p) for r in _records(datalist)
               for p in r["image"] + ([r["label"]] if r.get("label") else [])) / n
-  log(f"  bsf_jax store:              {rates['store']:8.2f} crops/s "
-      f"(prepare {prep_s:.2f} s/subject; {store_bytes / 2**20:.1f} MiB/subject, "
-      f"NIfTI {nifti / 2**20:.1f} MiB)")
-  rates["monai_persistent"] = time_monai(stage, datalist, roi,
-                                         os.path.join(tmp, f"monai{stage}"), seconds)
-  log(f"  MONAI PersistentDataset:    {rates['monai_persistent']:8.2f} crops/s")
+  log(f"  store: prepare {prep_s:.2f} s/subject on this core; {store_bytes / 2**20:.1f} "
+      f"MiB/subject (NIfTI {nifti / 2**20:.1f} MiB)")
+  monai_cache = os.path.join(tmp, f"monai{stage}")
+  sides = {"plain": lambda: time_bsf(cfg, seconds),
+           "cache": lambda: time_bsf(cached, seconds),
+           "store": lambda: time_bsf(stored, seconds),
+           "monai_persistent": lambda: time_monai(stage, datalist, roi, monai_cache, seconds)}
   if stage == 3:
     augmented = stored.copy_and_resolve_references()
     augmented.augment = True
-    rates["store_host_augment"] = time_bsf(augmented, seconds)
-    log(f"  bsf_jax store + host augmentation: {rates['store_host_augment']:7.2f} crops/s")
-    rates["monai_persistent_host_augment"] = time_monai(
-        stage, datalist, roi, os.path.join(tmp, f"monai{stage}"), seconds, augment=True)
-    log(f"  MONAI persistent + host augmentation: "
-        f"{rates['monai_persistent_host_augment']:7.2f} crops/s")
+    sides["store_host_augment"] = lambda: time_bsf(augmented, seconds)
+    sides["monai_persistent_host_augment"] = lambda: time_monai(
+        stage, datalist, roi, monai_cache, seconds, augment=True)
+  measured = {k: [] for k in sides}
+  for r in range(rounds):
+    for k, side in sides.items():
+      measured[k].append(side())
+    log(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in measured.items())
+        + f" crops/s (load average {os.getloadavg()[0]:.1f})")
+  rates = {k: float(np.median(v)) for k, v in measured.items()}
   ref = rates["monai_persistent"]
-  log("  per core, ratio to MONAI PersistentDataset: " + ", ".join(
-      f"{k} {v / ref:.2f}x" for k, v in rates.items() if "augment" not in k))
-  if stage == 3:
-    log(f"  with host augmentation: store / MONAI "
-        f"{rates['store_host_augment'] / rates['monai_persistent_host_augment']:.2f}x")
-  return {"rates": rates, "store": {"bytes_per_subject": store_bytes,
-                                     "nifti_bytes_per_subject": nifti,
-                                     "prepare_seconds_per_subject": prep_s}}
+  for k, v in rates.items():
+    vs = (rates["monai_persistent_host_augment"] if "augment" in k else ref)
+    log(f"  {_NAMES[k] + ':':40s} {v:8.2f} crops/s  {v / vs:5.2f}x MONAI")
+  return {"rates": rates, "rounds": measured,
+          "store": {"bytes_per_subject": store_bytes, "nifti_bytes_per_subject": nifti,
+                    "prepare_seconds_per_subject": prep_s}}
 
 
 class _PeakRss:
@@ -325,7 +335,9 @@ def main(argv) -> int:
   parser.add_argument("--stages", default="1,3")
   parser.add_argument("--subjects", type=int, default=4,
                       help="subjects per stage (links to the one real case)")
-  parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per side")
+  parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per side")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="every side this many times in turn; medians reported")
   parser.add_argument("--core", type=int, default=0, help="the one core to run on")
   parser.add_argument("--json", default="", help="write the rates here")
   parser.add_argument("--small-demo", action="store_true",
@@ -349,10 +361,10 @@ def main(argv) -> int:
     for stage, datalist in lists.items():
       edge = roi or (96 if stage == 1 else 128)
       print(f"stage {stage}: {edge}^3 crops, {args.subjects} subjects, one process on "
-            f"core {args.core}, {args.seconds:g} s per side (load average "
+            f"core {args.core}, {args.rounds} rounds of {args.seconds:g} s per side (load average "
             f"{os.getloadavg()[0]:.1f})", flush=True)
-      results[f"stage{stage}"] = run_stage(stage, datalist, edge, args.seconds, tmp,
-                                           log=lambda s: print(s, flush=True))
+      results[f"stage{stage}"] = run_stage(stage, datalist, edge, args.seconds, args.rounds,
+                                           tmp, log=lambda s: print(s, flush=True))
     if args.memory:
       volumes, peak = _memory(os.path.join(tmp, "mem"), args.memory, args.workers)
       print(f"memory: streamed {volumes} small volumes with workers={args.workers}: "

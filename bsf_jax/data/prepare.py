@@ -76,7 +76,7 @@ def load_or_write_plan(data_cfg, out: str) -> dict:
   """plan.json of `out`, written from the config if absent, else checked."""
   path = os.path.join(out, store.PLAN)
   if os.path.isfile(path):
-    plan = store._read_json(path, "store plan")  # pylint: disable=protected-access
+    plan = store.read_json(path, "store plan")
     store.check_contract(out, plan["contract"], data_cfg)
     if plan["source"] != store.source(data_cfg):
       raise store.StoreError(

@@ -195,7 +195,7 @@ def open_array(store: str, entry: dict, array: str):
                      f"{entry['id']} ({type(e).__name__}: {e})") from e
 
 
-def _read_json(path: str, what: str) -> dict:
+def read_json(path: str, what: str) -> dict:
   try:
     with open(path) as f:
       data = json.load(f)
@@ -230,7 +230,7 @@ def _gc_paused():
 @functools.lru_cache(maxsize=4)
 def _load_index(path: str, stamp: tuple[int, int, int]) -> dict:
   del stamp  # Part of the cache key only: a rewritten index is read again.
-  return _read_json(path, "store index (run python -m bsf_jax.data.prepare)")
+  return read_json(path, "store index (run python -m bsf_jax.data.prepare)")
 
 
 def load_index(store: str) -> dict:
