@@ -30,7 +30,10 @@ Caches are filled first (one epoch each); then the sides take turns,
 `--rounds` times, each timed for `--seconds` after one untimed volume, and
 the median of each side is reported with its ratio to MONAI (the host
 augmentation rows against MONAI's with augmentation).
-`--json` writes the rates that `bench scale --data-rates` reads.
+Each rate is given per wall-clock second and per CPU second of the process
+(all its threads, on its one core): where other work shares the core, the
+second is what a core of its own delivers. `--json` writes both; `bench
+scale --data-rates` reads the per-CPU-second rates.
 `--small-demo` runs the same on small synthetic volumes with 16^3 crops
 (checks the bench itself, in seconds).
 """
@@ -109,15 +112,20 @@ def stage_config(stage: int, datalist: str, roi: int):
   return cfg
 
 
-def _rate(next_batch, seconds: float) -> float:
-  """Crops/s of `next_batch()` for `seconds` after one untimed call."""
+def _rate(next_batch, seconds: float) -> tuple[float, float]:
+  """Crops per second of `next_batch()` for `seconds` after one untimed call.
+
+  Returns:
+    (per wall-clock second, per CPU second of this process): on a core that
+    others share, the second is what a core of its own would deliver.
+  """
   next_batch()
-  crops, t0 = 0, time.perf_counter()
+  crops, t0, c0 = 0, time.perf_counter(), time.process_time()
   while True:
     crops += next_batch()
     dt = time.perf_counter() - t0
     if dt >= seconds and crops >= 4:
-      return crops / dt
+      return crops / dt, crops / (time.process_time() - c0)
 
 
 def _task(cfg) -> str:
@@ -129,7 +137,7 @@ def _records(datalist: str) -> list[dict]:
     return json.load(f)["training"]
 
 
-def time_bsf(cfg, seconds: float) -> float:
+def time_bsf(cfg, seconds: float) -> tuple[float, float]:
   it = pipeline.make_train_iter(cfg, task=_task(cfg), seed=0, process_index=0,
                                 process_count=1)
 
@@ -172,7 +180,7 @@ def monai_chain(stage: int, roi: int, augment: bool):
 
 
 def time_monai(stage: int, datalist: str, roi: int, cache_dir: str, seconds: float,
-               augment: bool = False) -> float:
+               augment: bool = False) -> tuple[float, float]:
   """Crops/s of MONAI PersistentDataset + DataLoader(num_workers=0), cache warm."""
   import torch  # pylint: disable=g-import-not-at-top
   from monai import data as md  # pylint: disable=g-import-not-at-top
@@ -211,8 +219,9 @@ def run_stage(stage: int, datalist: str, roi: int, seconds: float, rounds: int, 
   """Every side of one stage, `rounds` times in turn (median rates kept).
 
   Returns:
-    {"rates": {side: median crops/s}, "rounds": {side: [crops/s per round]},
-     "store": {bytes and prepare time per subject}}.
+    {"rates": {side: median crops per CPU second}, "wall_rates": {side:
+     median crops per wall second}, "rounds": {side: [[wall, cpu] per
+     round]}, "store": {bytes and prepare time per subject}}.
   """
   from bsf_jax.data import prepare  # pylint: disable=g-import-not-at-top
   cfg = stage_config(stage, datalist, roi)
@@ -249,14 +258,18 @@ def run_stage(stage: int, datalist: str, roi: int, seconds: float, rounds: int, 
   for r in range(rounds):
     for k, side in sides.items():
       measured[k].append(side())
-    log(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in measured.items())
-        + f" crops/s (load average {os.getloadavg()[0]:.1f})")
-  rates = {k: float(np.median(v)) for k, v in measured.items()}
-  ref = rates["monai_persistent"]
-  for k, v in rates.items():
-    vs = (rates["monai_persistent_host_augment"] if "augment" in k else ref)
-    log(f"  {_NAMES[k] + ':':40s} {v:8.2f} crops/s  {v / vs:5.2f}x MONAI")
-  return {"rates": rates, "rounds": measured,
+    log(f"  round {r + 1}, crops/s (wall, CPU): " + ", ".join(
+        f"{k} {v[-1][0]:.1f} {v[-1][1]:.1f}" for k, v in measured.items())
+        + f" (load average {os.getloadavg()[0]:.1f})")
+  wall = {k: float(np.median([w for w, _ in v])) for k, v in measured.items()}
+  rates = {k: float(np.median([c for _, c in v])) for k, v in measured.items()}
+  log(f"  {'median of the rounds':40s} {'per wall s':>10s} {'vs MONAI':>8s} "
+      f"{'per CPU s':>10s} {'vs MONAI':>8s}")
+  for k in rates:
+    ref = "monai_persistent_host_augment" if "augment" in k else "monai_persistent"
+    log(f"  {_NAMES[k]:40s} {wall[k]:10.2f} {wall[k] / wall[ref]:7.2f}x "
+        f"{rates[k]:10.2f} {rates[k] / rates[ref]:7.2f}x")
+  return {"rates": rates, "wall_rates": wall, "rounds": measured,
           "store": {"bytes_per_subject": store_bytes, "nifti_bytes_per_subject": nifti,
                     "prepare_seconds_per_subject": prep_s}}
 
@@ -329,6 +342,31 @@ def _inputs(args, tmp: str) -> tuple[dict, int]:
   return lists, roi
 
 
+def _pin(cores) -> None:
+  """Every thread of this process (and those it starts later) onto `cores`."""
+  for tid in os.listdir("/proc/self/task"):
+    try:
+      os.sched_setaffinity(int(tid), cores)
+    except ProcessLookupError:  # the thread ended meanwhile
+      pass
+
+
+def _throughput(args, tmp: str) -> dict:
+  """Every stage's sides, on the one core this process is pinned to."""
+  import blosc2  # pylint: disable=g-import-not-at-top
+  blosc2.set_nthreads(1)
+  lists, roi = _inputs(args, tmp)
+  results = {"core": args.core, "cpus": os.cpu_count(), "load_avg": os.getloadavg()[0]}
+  for stage, datalist in lists.items():
+    edge = roi or (96 if stage == 1 else 128)
+    print(f"stage {stage}: {edge}^3 crops, {args.subjects} subjects, one process on "
+          f"core {args.core}, {args.rounds} rounds of {args.seconds:g} s per side "
+          f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    results[f"stage{stage}"] = run_stage(stage, datalist, edge, args.seconds, args.rounds,
+                                         tmp, log=lambda s: print(s, flush=True))
+  return results
+
+
 def main(argv) -> int:
   parser = argparse.ArgumentParser(prog=argv[0], description=__doc__.split("\n")[0])
   parser.add_argument("--real", default=REAL, help="folder of the real scans")
@@ -352,19 +390,12 @@ def main(argv) -> int:
       print(f"memory: streamed {volumes} small volumes with workers={args.workers}: "
             f"peak RSS (main + workers) {peak / 2**20:.0f} MiB")
       return 0
-    os.sched_setaffinity(0, {args.core})
-    import blosc2  # pylint: disable=g-import-not-at-top
-    blosc2.set_nthreads(1)
-    lists, roi = _inputs(args, tmp)
-    results = {"core": args.core, "cpus": os.cpu_count(),
-               "load_avg": os.getloadavg()[0]}
-    for stage, datalist in lists.items():
-      edge = roi or (96 if stage == 1 else 128)
-      print(f"stage {stage}: {edge}^3 crops, {args.subjects} subjects, one process on "
-            f"core {args.core}, {args.rounds} rounds of {args.seconds:g} s per side (load average "
-            f"{os.getloadavg()[0]:.1f})", flush=True)
-      results[f"stage{stage}"] = run_stage(stage, datalist, edge, args.seconds, args.rounds,
-                                           tmp, log=lambda s: print(s, flush=True))
+    cores = os.sched_getaffinity(0)
+    _pin({args.core})
+    try:
+      results = _throughput(args, tmp)
+    finally:  # the caller's cores back (a test runs this in process)
+      _pin(cores)
     if args.memory:
       volumes, peak = _memory(os.path.join(tmp, "mem"), args.memory, args.workers)
       print(f"memory: streamed {volumes} small volumes with workers={args.workers}: "

@@ -3,7 +3,7 @@
   python -m bsf_jax.bench scale [--devices 64] [--sizes tiny,small,big]
       [--meshes dp,fsdp] [--fsdp 8] [--dtypes fp32,bf16] [--remat none,block]
       [--stages 1,3] [--feature-size F] [--roi R] [--native] [--json OUT]
-      [--gpu h100] [--mfu 0.4] [--data-rates bench_data.json]
+      [--gpu h100] [--mfu 0.05,0.1,0.3] [--data-rates bench_data.json]
 
 Runs on N fake CPU devices (`--xla_force_host_platform_device_count`, set
 before jax starts; the bench re-executes itself when jax already runs with
@@ -174,6 +174,20 @@ def feed_cores(crops_per_step_per_gpu: int, step_time_s: float,
   return {path: math.ceil(need / rate) for path, rate in rates.items()}
 
 
+def feed(stage: int, flops: float | None, peak: float | None, mfus: str,
+         rates: dict[str, float]) -> list[dict]:
+  """Per stated MFU: step time, crops/s for 8 GPUs and cores per input path."""
+  if not flops or not peak:
+    return []
+  out = []
+  for mfu in (float(m) for m in mfus.split(",")):
+    step_s = flops / (mfu * peak)
+    out.append(dict(mfu=mfu, step_s=step_s,
+                    crops_per_s=8 * CROPS_PER_GPU[stage] / step_s,
+                    cores=feed_cores(CROPS_PER_GPU[stage], step_s, rates)))
+  return out
+
+
 def data_rates(path: str) -> dict[int, dict[str, float]]:
   """Per-core rates by stage from a `bench data --json` file, else DATA_RATES."""
   if not path:
@@ -200,8 +214,8 @@ def _parse(argv):
   p.add_argument("--stages", default="1,3")
   p.add_argument("--gpu", default="h100",
                  help="GPU whose dense peak sets the step time (h100, h200, a100, v100)")
-  p.add_argument("--mfu", type=float, default=0.4,
-                 help="model-FLOPs utilisation assumed for the step time")
+  p.add_argument("--mfu", default="0.05,0.1,0.3",
+                 help="model-FLOPs utilisations assumed for the step time")
   p.add_argument("--data-rates", default="",
                  help="`bench data --json` output (default: DATA_RATES)")
   p.add_argument("--feature-size", type=int, default=0,
@@ -281,14 +295,12 @@ def main(argv: list[str]) -> int:
                 "all-reduce", "all-gather", "reduce-scatter"))
             flops = preflight.step_flops(compiled)
             peak = preflight.chip_peak_flops(args.gpu, dtypes[dtype])
-            step_s = flops / (args.mfu * peak) if flops and peak else None
             row = dict(stage=stage, size=size, mesh=f"{mesh_kind} "
                        f"{dict(mesh.shape)}", dtype=dtype, remat=remat,
                        compile_s=round(seconds, 1),
                        capacity_bytes=preflight.device_capacity(devices[0]),
-                       step_flops=flops, step_s_at_mfu=step_s,
-                       feed_cores_8_gpus=(feed_cores(CROPS_PER_GPU[stage], step_s,
-                                                     rates[stage]) if step_s else None),
+                       step_flops=flops, feed=feed(stage, flops, peak, args.mfu,
+                                                   rates[stage]),
                        **r)
             rows.append(row)
             cells = (stage, size, mesh_kind if fsdp == 1 else f"fsdp={fsdp}",
@@ -307,21 +319,22 @@ def main(argv: list[str]) -> int:
     print(f"\ndevice capacity: {_mib(capacity)} MiB per "
           f"{devices[0].device_kind}; a case fits when arg + out + temp "
           "(less donated buffers) is below it")
-  print(f"\nData-loader cores per host to feed 8 {args.gpu.upper()} at MFU "
-        f"{args.mfu:g} (step time = compiled FLOPs per device / (MFU x dense "
-        "peak)); per-core crops/s from `bench data`: " + "; ".join(
+  print(f"\nData-loader cores per host to feed 8 {args.gpu.upper()}: step time = "
+        "compiled FLOPs per device / (MFU x dense peak); per-core crops/s from "
+        "`bench data`: " + "; ".join(
             f"stage {st}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items())
             for st, r in rates.items()))
   for row in rows:
-    if row["step_s_at_mfu"] is None:
+    if not row["feed"]:
       print(f"  stage {row['stage']} {row['size']} {row['dtype']}: no FLOP count "
             "or no peak for this GPU")
       continue
-    print(f"  stage {row['stage']} {row['size']} {row['mesh']} {row['dtype']}: "
-          f"{row['step_flops'] / 1e12:.2f} TFLOP/device/step -> "
-          f"{row['step_s_at_mfu']:.3f} s/step, "
-          f"{8 * CROPS_PER_GPU[row['stage']] / row['step_s_at_mfu']:.0f} crops/s: "
-          + ", ".join(f"{k} {v} cores" for k, v in row["feed_cores_8_gpus"].items()))
+    print(f"  stage {row['stage']} {row['size']} {row['mesh']} {row['dtype']}, "
+          f"{row['step_flops'] / 1e12:.2f} TFLOP/device/step:")
+    for f in row["feed"]:
+      print(f"    MFU {f['mfu']:g}: {f['step_s']:.3f} s/step, {f['crops_per_s']:.0f} "
+            "crops/s: " + ", ".join(f"{k} {v}" for k, v in f["cores"].items())
+            + " cores")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)
