@@ -48,11 +48,12 @@ _ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
                 "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
                 "f64": 8, "c64": 8, "c128": 16}
-# Crops/s per core measured by `bench data` (one process pinned to one core;
-# BENCHMARKS.md, data pipeline, first run): stage -> input path -> rate.
+# Crops per CPU second of one core, measured by `bench data` (one process
+# pinned to one core; BENCHMARKS.md, data pipeline, commit be57c56):
+# stage -> input path -> rate.
 DATA_RATES = {
-    1: {"plain": 8.95, "cache": 48.86, "store": 206.10, "monai_persistent": 40.86},
-    3: {"plain": 1.36, "cache": 3.45, "store": 35.46, "monai_persistent": 5.53},
+    1: {"plain": 17.12, "cache": 64.55, "store": 175.08, "monai_persistent": 40.60},
+    3: {"plain": 1.21, "cache": 2.70, "store": 29.18, "monai_persistent": 6.43},
 }
 # Crops per GPU per step: configs/stage1.py (4 crops of 96^3 per device, as
 # 256 on 64 GPUs) and configs/stage3.py (1 crop of 128^3).
