@@ -162,6 +162,16 @@ def test_refuses_a_store_of_another_roi_modalities_intensity_or_labels(cohort, s
   assert len(store.load_datalist(s1)[0]) == 4
 
 
+def test_refuses_a_scan_rule_other_than_the_stores(cohort, tmp_path):
+  """A store made from a scan keeps the scan's records; a run whose rule
+  would pick others (here the slice minimum) is refused."""
+  scan = stage1(cohort, datalist="", root=cohort["ukb"]["root"], min_slices=50)
+  prepare.run(scan, str(tmp_path / "s"), log=QUIET)  # small volumes: 61 slices
+  assert len(store.load_datalist(_with_store(scan, tmp_path / "s"))[0]) == 4
+  _one_line_refusal(_with_store(stage1(cohort, min_slices=100), tmp_path / "s"),
+                    r"scan of .* data.min_slices=50, but this run has data.min_slices=100")
+
+
 def test_refuses_a_subject_missing_from_the_store(cohort, tmp_path):
   full = _absolute(cohort["ukb"]["datalist"])
   part = tmp_path / "part.json"
@@ -214,6 +224,7 @@ def test_prepare_in_parallel_resumes_verified_and_skips_a_bad_file(cohort, tmp_p
   # Two processes, each its share; the last to finish writes the index.
   first = prepare.run(cfg, out, process_index=0, process_count=2, log=lines.append)
   assert not first["index"] and not os.path.exists(os.path.join(out, store.INDEX))
+  assert not prepare.run(cfg, out, index_only=True, log=lines.append)["index"]
   second = prepare.run(cfg, out, process_index=1, process_count=2, log=lines.append)
   assert second["index"] and first["subjects"] == 6
   assert first["prepared"] + second["prepared"] == 5
