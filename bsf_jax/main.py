@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bsf_jax import checkpointing, distributed, workdir_lock
+from bsf_jax.data import store
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -46,9 +47,10 @@ def main(argv):
   trainer = importlib.import_module(f"bsf_jax.trainers.{config.trainer}")
   try:
     trainer.train_and_evaluate(config, FLAGS.workdir)
-  except (workdir_lock.WorkdirLockedError, checkpointing.CheckpointError) as e:
-    # Another run holds the workdir, or no checkpoint step restores: one
-    # line saying which, not a traceback.
+  except (workdir_lock.WorkdirLockedError, checkpointing.CheckpointError,
+          store.StoreError) as e:
+    # Another run holds the workdir, no checkpoint step restores, or the
+    # data store is not this config's: one line saying which, not a traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -162,14 +162,19 @@ _PEAK_TFLOPS = {"h100": (989.0, 67.0), "h200": (989.0, 67.0),
                 "a100": (312.0, 19.5), "v100": (125.0, 15.7)}
 
 
-def peak_flops(dtype: str) -> float | None:
-  """All devices' dense matmul peak FLOP/s for `dtype`; None if unknown."""
-  kind = jax.devices()[0].device_kind.lower()
+def chip_peak_flops(kind: str, dtype: str) -> float | None:
+  """One chip's dense matmul peak FLOP/s for `dtype` ("h100", a device_kind...)."""
+  kind = kind.lower()
   for name, (bf16, fp32) in _PEAK_TFLOPS.items():
     if name in kind:
-      peak = bf16 if dtype == "bfloat16" else fp32
-      return peak * 1e12 * jax.device_count()
+      return (bf16 if dtype == "bfloat16" else fp32) * 1e12
   return None
+
+
+def peak_flops(dtype: str) -> float | None:
+  """All devices' dense matmul peak FLOP/s for `dtype`; None if unknown."""
+  peak = chip_peak_flops(jax.devices()[0].device_kind, dtype)
+  return None if peak is None else peak * jax.device_count()
 
 
 def print_dry_run(config: Any, mesh: Any, state: Any, report: list[str],

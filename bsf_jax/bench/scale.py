@@ -3,6 +3,7 @@
   python -m bsf_jax.bench scale [--devices 64] [--sizes tiny,small,big]
       [--meshes dp,fsdp] [--fsdp 8] [--dtypes fp32,bf16] [--remat none,block]
       [--stages 1,3] [--feature-size F] [--roi R] [--native] [--json OUT]
+      [--gpu h100] [--mfu 0.05,0.1,0.3] [--data-rates bench_data.json]
 
 Runs on N fake CPU devices (`--xla_force_host_platform_device_count`, set
 before jax starts; the bench re-executes itself when jax already runs with
@@ -23,9 +24,11 @@ With `--native` it compiles for this machine's own first `--devices`
 devices instead (a GPU: XLA:GPU's memory figures, with the device's
 capacity); `--feature-size` and `--roi` shrink the model and crops (tests).
 
-Then, from a per-core data throughput (`bench data`, crops/s per worker
-core, gzip and warm `.npy` cache), the host cores needed to feed 8 GPUs at a
-stated step time.
+Then, per case, the host cores needed to feed 8 GPUs: the step time is
+the compiled step's FLOPs per device (XLA's cost analysis, the pre-flight's
+`preflight.step_flops`) at a stated MFU of a GPU's dense peak (`--gpu`,
+`--mfu`), and the per-core crops/s of each input path are those `bench data`
+measured (its `--json`, or `DATA_RATES`).
 """
 
 from __future__ import annotations
@@ -45,10 +48,16 @@ _ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
                 "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
                 "f64": 8, "c64": 8, "c128": 16}
-# Measured by `bench data` (BENCHMARKS.md, data pipeline table, row
-# "current"): 2 worker processes gave 2.15 crops/s from gzip and 8.15 crops/s
-# from a warm `.npy` cache; per core, half of that.
-_CROPS_PER_CORE = {"gzip": 2.15 / 2, "npy cache": 8.15 / 2}
+# Crops per CPU second of one core, measured by `bench data` (one process
+# pinned to one core; BENCHMARKS.md, data pipeline, commit be57c56):
+# stage -> input path -> rate.
+DATA_RATES = {
+    1: {"plain": 17.12, "cache": 64.55, "store": 175.08, "monai_persistent": 40.60},
+    3: {"plain": 1.21, "cache": 2.70, "store": 29.18, "monai_persistent": 6.43},
+}
+# Crops per GPU per step: configs/stage1.py (4 crops of 96^3 per device, as
+# 256 on 64 GPUs) and configs/stage3.py (1 crop of 128^3).
+CROPS_PER_GPU = {1: 4, 3: 1}
 
 
 def collectives(hlo_text: str) -> list[tuple[str, list[int]]]:
@@ -154,11 +163,44 @@ def compile_step(config, mesh):
 
 
 def feed_cores(crops_per_step_per_gpu: int, step_time_s: float,
-               gpus: int = 8) -> dict[str, int]:
-  """Data-loader cores one host needs to feed `gpus` GPUs, per input path."""
+               rates: dict[str, float], gpus: int = 8) -> dict[str, int]:
+  """Data-loader cores one host needs to feed `gpus` GPUs, per input path.
+
+  Args:
+    crops_per_step_per_gpu: crops each GPU takes per step.
+    step_time_s: seconds per step.
+    rates: input path -> crops/s one core delivers (`bench data`).
+  """
   need = gpus * crops_per_step_per_gpu / step_time_s
-  return {path: math.ceil(need / rate) for path, rate in
-          _CROPS_PER_CORE.items()}
+  return {path: math.ceil(need / rate) for path, rate in rates.items()}
+
+
+def feed(stage: int, flops: float | None, peak: float | None, mfus: str,
+         rates: dict[str, float]) -> list[dict]:
+  """Per stated MFU: step time, crops/s for 8 GPUs and cores per input path."""
+  if not flops or not peak:
+    return []
+  out = []
+  for mfu in (float(m) for m in mfus.split(",")):
+    step_s = flops / (mfu * peak)
+    out.append(dict(mfu=mfu, step_s=step_s,
+                    crops_per_s=8 * CROPS_PER_GPU[stage] / step_s,
+                    cores=feed_cores(CROPS_PER_GPU[stage], step_s, rates)))
+  return out
+
+
+def data_rates(path: str) -> dict[int, dict[str, float]]:
+  """Per-core rates by stage from a `bench data --json` file, else DATA_RATES."""
+  if not path:
+    return DATA_RATES
+  with open(path) as f:
+    measured = json.load(f)
+  rates = dict(DATA_RATES)
+  for stage in (1, 3):
+    if f"stage{stage}" in measured:
+      rates[stage] = {k: v for k, v in measured[f"stage{stage}"]["rates"].items()
+                      if "augment" not in k}
+  return rates
 
 
 def _parse(argv):
@@ -171,8 +213,12 @@ def _parse(argv):
   p.add_argument("--remat", default="none,block",
                  help="config.model.remat values")
   p.add_argument("--stages", default="1,3")
-  p.add_argument("--step-times", default="0.5,1,2",
-                 help="assumed step times (s) for the data-feed estimate")
+  p.add_argument("--gpu", default="h100",
+                 help="GPU whose dense peak sets the step time (h100, h200, a100, v100)")
+  p.add_argument("--mfu", default="0.05,0.1,0.3",
+                 help="model-FLOPs utilisations assumed for the step time")
+  p.add_argument("--data-rates", default="",
+                 help="`bench data --json` output (default: DATA_RATES)")
   p.add_argument("--feature-size", type=int, default=0,
                  help="model feature size (0: the config's)")
   p.add_argument("--roi", type=int, default=0,
@@ -208,6 +254,7 @@ def _mib(n: int) -> str:
 
 def main(argv: list[str]) -> int:
   args = _parse(argv)
+  rates = data_rates(args.data_rates)
   rc = None if args.native else _reexec_with_devices(args.devices, argv)
   if rc is not None:
     return rc
@@ -247,10 +294,14 @@ def main(argv: list[str]) -> int:
             kinds = r["collective_bytes"]
             other = sum(v for k, v in kinds.items() if k not in (
                 "all-reduce", "all-gather", "reduce-scatter"))
+            flops = preflight.step_flops(compiled)
+            peak = preflight.chip_peak_flops(args.gpu, dtypes[dtype])
             row = dict(stage=stage, size=size, mesh=f"{mesh_kind} "
                        f"{dict(mesh.shape)}", dtype=dtype, remat=remat,
                        compile_s=round(seconds, 1),
                        capacity_bytes=preflight.device_capacity(devices[0]),
+                       step_flops=flops, feed=feed(stage, flops, peak, args.mfu,
+                                                   rates[stage]),
                        **r)
             rows.append(row)
             cells = (stage, size, mesh_kind if fsdp == 1 else f"fsdp={fsdp}",
@@ -269,14 +320,22 @@ def main(argv: list[str]) -> int:
     print(f"\ndevice capacity: {_mib(capacity)} MiB per "
           f"{devices[0].device_kind}; a case fits when arg + out + temp "
           "(less donated buffers) is below it")
-  print("\nData-loader cores per host to feed 8 GPUs (per-core crops/s "
-        f"{ {k: round(v, 2) for k, v in _CROPS_PER_CORE.items()} } from "
-        "`bench data`):")
-  for stage, crops in ((1, 4), (3, 1)):
-    for t in (float(s) for s in args.step_times.split(",")):
-      cores = feed_cores(crops, t)
-      print(f"  stage {stage} ({crops} crops/GPU/step), step {t:g} s: "
-            + ", ".join(f"{k} {v} cores" for k, v in cores.items()))
+  print(f"\nData-loader cores per host to feed 8 {args.gpu.upper()}: step time = "
+        "compiled FLOPs per device / (MFU x dense peak); per-core crops/s from "
+        "`bench data`: " + "; ".join(
+            f"stage {st}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items())
+            for st, r in rates.items()))
+  for row in rows:
+    if not row["feed"]:
+      print(f"  stage {row['stage']} {row['size']} {row['dtype']}: no FLOP count "
+            "or no peak for this GPU")
+      continue
+    print(f"  stage {row['stage']} {row['size']} {row['mesh']} {row['dtype']}, "
+          f"{row['step_flops'] / 1e12:.2f} TFLOP/device/step:")
+    for f in row["feed"]:
+      print(f"    MFU {f['mfu']:g}: {f['step_s']:.3f} s/step, {f['crops_per_s']:.0f} "
+            "crops/s: " + ", ".join(f"{k} {v}" for k, v in f["cores"].items())
+            + " cores")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)

@@ -151,7 +151,7 @@ def ukb_scan(root: str, min_slices: int = 100) -> list[dict]:
     except DataError:
       pass  # Unreadable headers stay in, so the check and pipeline report them.
     records.append({"id": eid, "image": [t1, flair], "label": ""})
-  return records
+  return sorted(records, key=lambda r: r["id"])
 
 
 def brats_modality(suffix: str) -> str:
@@ -234,11 +234,30 @@ def few_shot(records, fraction: float, repeat_seed: int):
   return [records[i] for i in keep]
 
 
-def load_datalist(cfg) -> tuple[list[dict], list[dict]]:
+def source_sections(cfg) -> dict[str, list[dict]]:
+  """Every record `config.data` names, before any split or modality selection.
+
+  The datalist json's sections, or {"training": [...]} from a scan of
+  `cfg.root` (BraTS scans carry their seeded folds). A prepared store keeps
+  these (`bsf_jax.data.store`), so a run reading it splits its records as
+  `load_datalist` would without opening the json or scanning a folder.
+  """
+  if cfg.datalist:
+    return json_records(cfg.datalist, cfg.root)
+  if cfg.dataset == "ukb":
+    return {"training": ukb_scan(cfg.root, cfg.min_slices)}
+  if cfg.dataset == "brats":
+    return {"training": brats_scan(cfg.root, seed=cfg.split_seed)}
+  return {"training": atlas_scan(cfg.root)}
+
+
+def load_datalist(cfg, sections=None) -> tuple[list[dict], list[dict]]:
   """Train and validation records for `config.data`.
 
   Args:
     cfg: the `config.data` block (see `pipeline.default_config`).
+    sections: `source_sections(cfg)` when already at hand (a store's
+      index); by default they are read from the datalist or a scan.
 
   Returns:
     (train, val) lists of records with modalities selected and the few-shot
@@ -250,23 +269,18 @@ def load_datalist(cfg) -> tuple[list[dict], list[dict]]:
   dataset = cfg.dataset
   wanted = resolve_modalities(dataset, cfg.modalities)
   where = cfg.datalist or cfg.root
+  if sections is None:
+    sections = source_sections(cfg)
+  train, val = sections.get("training", []), sections.get("validation", [])
   if dataset == "ukb":
-    if cfg.datalist:
-      sections = json_records(cfg.datalist, cfg.root)
-      train, val = sections.get("training", []), sections.get("validation", [])
-      if not val and cfg.val_fraction > 0:
-        train, val = split(train, cfg.val_fraction, cfg.split_seed)
-    else:
-      train, val = split(ukb_scan(cfg.root, cfg.min_slices), cfg.val_fraction, cfg.split_seed)
+    # A scan's records are sorted by id, so splitting nothing keeps them.
+    if not val and cfg.val_fraction > 0:
+      train, val = split(train, cfg.val_fraction, cfg.split_seed)
   elif dataset == "brats":
-    recs = (json_records(cfg.datalist, cfg.root).get("training", [])
-            if cfg.datalist else brats_scan(cfg.root, seed=cfg.split_seed))
-    train = [r for r in recs if r["fold"] != cfg.fold]
-    val = [r for r in recs if r["fold"] == cfg.fold]
+    train, val = ([r for r in train if r["fold"] != cfg.fold],
+                  [r for r in train if r["fold"] == cfg.fold])
   else:
-    recs = (json_records(cfg.datalist, cfg.root).get("training", [])
-            if cfg.datalist else atlas_scan(cfg.root))
-    train, val = split(recs, cfg.val_fraction, cfg.split_seed)
+    train, val = split(train, cfg.val_fraction, cfg.split_seed)
   if not train:
     raise DataError(f"{where}: empty training datalist for dataset={dataset} "
                     f"(fold={cfg.fold})")

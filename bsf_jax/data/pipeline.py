@@ -31,6 +31,7 @@ from bsf_jax.data import DataError
 from bsf_jax.data import datalists
 from bsf_jax.data import io
 from bsf_jax.data import labels as L
+from bsf_jax.data import store as store_lib
 from bsf_jax.data import transforms as T
 
 # Records skipped under on_error="skip", per process (each Grain worker
@@ -77,6 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.repeat_seed = 0
   # Optional folder for decoded .npy copies of the volumes (ours; speed).
   c.cache_dir = ""
+  # A prepared store (python -m bsf_jax.data.prepare; docs/data.md): records
+  # and crop-ready voxels come from it; no scan, no NIfTI read (ours; speed).
+  c.store = ""
   # Held-out fraction when no split is given (UKB scan, ATLAS) (ours).
   c.val_fraction = 0.2
   # Seed of that split and of scanned BraTS folds (ours).
@@ -208,21 +212,53 @@ def make_crops(loaded: Loaded, rng, spec: _Spec, augment: bool):
     raise DataError("NaN/Inf voxels (non-finite intensity statistics)")
   start, size = T.crop_region(chans, spec.intensity.foreground_threshold, spec.roi,
                               loaded.plane)
-  out = {"image": [], "label": []}
-  for corner in T.random_crop_starts(rng, start, size, spec.roi, spec.num_samples):
+
+  def cut(corner, image_out, label_out):
     img = np.stack([T.crop_with_fill(c, corner, spec.roi, spec.raw_fill) for c in chans], -1)
     if not np.isfinite(img.sum(dtype=np.float64)):
       raise DataError("NaN/Inf voxels in a crop")
-    img = spec.intensity.apply(img, params)
-    lab = None if label is None else T.crop_with_fill(label, corner, spec.roi, 0)
+    image_out[...] = spec.intensity.apply(img, params)
+    if label_out is not None:
+      label_out[...] = L.to_channels(T.crop_with_fill(label, corner, spec.roi, 0),
+                                     spec.labels)
+  return sample_crops(rng, start, size, cut, len(chans), spec, augment)
+
+
+def store_crops(record: dict, rng, spec: _Spec, augment: bool):
+  """`make_crops` of a store record: prepare stored the crop region, the
+  normalised voxels and the label's channels; a crop only decompresses them."""
+  subject = store_lib.Subject(record)
+  regions = None if spec.labels is None else subject.regions()
+
+  def cut(corner, image_out, label_out):
+    subject.read(subject.image, corner, image_out)
+    if label_out is not None:
+      subject.read(regions, corner, label_out)
+  return sample_crops(rng, subject.box_start, subject.box_size, cut,
+                      subject.entry["channels"], spec, augment)
+
+
+def sample_crops(rng, start, size, cut, channels: int, spec: _Spec, augment: bool):
+  """Crops at `num_samples` random corners of the region (start, size).
+
+  `cut(corner, image_out, label_out)` writes the normalised image crop and,
+  for segmentation, the label's region channels into the batch. The rng draws
+  the corners, then each crop's augmentation, in that order.
+  """
+  corners = T.random_crop_starts(rng, start, size, spec.roi, spec.num_samples)
+  image = np.empty((len(corners), *spec.roi, channels), np.float32)
+  label = (None if spec.labels is None else
+           np.empty((len(corners), *spec.roi, len(spec.labels.regions)), np.float32))
+  for i, corner in enumerate(corners):
+    cut(corner, image[i], None if label is None else label[i])
     if augment:
-      flipped = T.rand_flip(rng, [img] if lab is None else [img, lab])
-      img, lab = flipped[0], (flipped[1] if lab is not None else None)
-      img = T.rand_scale_shift(rng, img)
-    out["image"].append(img)
-    if lab is not None:
-      out["label"].append(L.to_channels(lab, spec.labels))
-  return {k: np.stack(v).astype(np.float32) for k, v in out.items() if v}
+      # Flips commute with the label -> channels map, so flipping the
+      # channels flips the label.
+      flipped = T.rand_flip(rng, [image[i]] if label is None else [image[i], label[i]])
+      image[i] = T.rand_scale_shift(rng, flipped[0])
+      if label is not None:
+        label[i] = flipped[1]
+  return {"image": image} if label is None else {"image": image, "label": label}
 
 
 class TrainTransform(grain.transforms.RandomMap):
@@ -238,6 +274,8 @@ class TrainTransform(grain.transforms.RandomMap):
 
   def random_map(self, record, rng):
     def run():
+      if "store" in record or "store_error" in record:
+        return store_crops(record, rng, self.spec, self.augment)
       loaded = load_record(record, self.spec, full_check=False)
       try:
         return make_crops(loaded, rng, self.spec, self.augment)
@@ -260,7 +298,14 @@ class _NotSkipped(grain.transforms.Filter):
 
 def _concat_crops(elements):
   """Batches volumes' crop stacks into one (volumes * S, ...) batch."""
+  if len(elements) == 1:  # one volume per batch: its crops are the batch
+    return elements[0]
   return {k: np.concatenate([e[k] for e in elements]) for k in elements[0]}
+
+
+def _load_datalist(cfg):
+  """(train, val) records: from the store's index when `data.store` is set."""
+  return (store_lib.load_datalist if cfg.store else datalists.load_datalist)(cfg)
 
 
 def _process(process_index, process_count):
@@ -317,7 +362,7 @@ def make_train_iter(cfg, *, task: str, seed: int, process_index=None,
   pi, pc = _process(process_index, process_count)
   volumes = _volumes_per_step(cfg, pc)
   if records is None:
-    records = datalists.load_datalist(cfg)[0]
+    records = _load_datalist(cfg)[0]
   if not records:
     raise DataError(f"{cfg.datalist or cfg.root}: empty training datalist")
   if len(records) < pc:
@@ -353,6 +398,8 @@ class EvalTransform(grain.transforms.RandomMap):
       return self._placeholder(c)
 
     def run():
+      if "store" in record or "store_error" in record:
+        return self._from_store(record, rng)
       loaded = load_record(record, self.spec)
       chans, label, affine = loaded.chans, loaded.label, loaded.affine
       if self.task == "ssl":
@@ -369,6 +416,17 @@ class EvalTransform(grain.transforms.RandomMap):
               "mask": np.asarray(True)}
     out = _guard(self.spec, record, run)
     return self._placeholder(c) if out is None else out
+
+  def _from_store(self, record, rng):
+    if self.task == "ssl":
+      out = store_crops(record, rng, self.spec, augment=False)
+      return {**out, "mask": np.ones(self.spec.num_samples, bool)}
+    subject = store_lib.Subject(record)
+    image, label = subject.volume()
+    return {"image": image, "label": L.to_channels(label, self.spec.labels),
+            "raw_label": label.astype(np.int16), "affine": subject.affine,
+            "path": record["image"][0], "label_path": record["label"],
+            "mask": np.asarray(True)}
 
 
 def make_eval_iter(cfg, *, task: str, process_index=None, process_count=None,
@@ -393,7 +451,7 @@ def make_eval_iter(cfg, *, task: str, process_index=None, process_count=None,
   spec = _Spec.from_config(cfg, task)
   pi, pc = _process(process_index, process_count)
   if records is None:
-    records = datalists.load_datalist(cfg)[1]
+    records = _load_datalist(cfg)[1]
   if not records:
     raise DataError(f"{cfg.datalist or cfg.root}: empty validation datalist")
   if task == "ssl":
