@@ -323,12 +323,12 @@ def test_float32_encoder_gradients_are_accurate(impl, remat):
   assert grad_errors[0][0] <= 1e-3, grad_errors[:5]
 
 
-@pytest.mark.parametrize("kind,impl,kernel,shape,batch", [
-    ("swin_unetr", "cpu", "einsum", (32, 32, 64), 1),
-    ("ssl_head", "xla", "xla_dpa", (64, 64, 32), 2)])
-def test_float32_outputs_and_gradients_are_accurate(kind, impl, kernel, shape, batch):
-  out_errors, grad_errors = _float32_errors(kind, shape, batch, 60, impl=impl, attention=kernel)
-  print(f"\n[float32 {kind} {impl}] outputs {out_errors}, worst gradients {grad_errors[:3]}")
+def test_float32_swin_unetr_outputs_and_gradients_are_accurate():
+  """The whole SwinUNETR in float32 through the "xla_dpa" attention kernel (the
+  einsum kernel on both paths is the encoder tests')."""
+  out_errors, grad_errors = _float32_errors("swin_unetr", (32, 32, 64), 1, 60, impl="xla",
+                                            attention="xla_dpa")
+  print(f"\n[float32 swin_unetr xla_dpa] outputs {out_errors}, worst gradients {grad_errors[:3]}")
   assert max(out_errors) <= 1e-4
   assert grad_errors[0][0] <= 5e-2, grad_errors[:5]
 
@@ -346,7 +346,9 @@ def test_param_counts_match_monai(name, expected):
   assert ours == theirs == expected
 
 
-@pytest.mark.parametrize("remat", ["block", "dots_saveable"])
+# remat="block" is checked against MONAI in float64 above; a checkpoint policy
+# saves some intermediates and recomputes the rest, which must not change them.
+@pytest.mark.parametrize("remat", ["dots_saveable"])
 def test_remat_same_gradients(remat):
   # One Swin stage (a plain and a shifted block + merging) keeps the gradient compilations cheap.
   x = jax.random.normal(jax.random.key(5), (1, 16, 16, 16, F))
