@@ -57,7 +57,8 @@ def patch_merging_of(config: Any) -> str:
   "auto" with a `config.init_from` is resolved against the source before the
   model is built (`transfer.resolve_patch_merging`, at the start of a run).
   """
-  order = config.model.get("patch_merging", "auto")
+  # A config written before the field existed computed MONAI 1.5's order.
+  order = config.model.get("patch_merging", "all_neighbours")
   if order != "auto":
     return order
   if config.get("init_from"):
