@@ -38,7 +38,6 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 import re
 from typing import Any, Mapping
 
@@ -413,10 +412,9 @@ class TorchFile:
 
 
 _PICKLED_OBJECT_HELP = (
-    "bsf_jax reads state dicts only. If you trust the file, turn it into one where the code "
-    "that saved it is importable: python -c \"import torch; m = torch.load('{path}', "
-    "weights_only=False); m = getattr(m, 'module', m); torch.save(m.state_dict(), "
-    "'state_dict.pt')\"")
+    "bsf_jax reads state dicts only. If you trust the file, load it with weights_only=False "
+    "where the code that saved it is importable, and torch.save its model.state_dict() "
+    "(model.module.state_dict() for a DistributedDataParallel wrapper)")
 
 
 def _read_raw(path: str) -> tuple[Mapping[str, Any], str | None, str]:
@@ -430,12 +428,13 @@ def _read_raw(path: str) -> tuple[Mapping[str, Any], str | None, str]:
   import torch  # pylint: disable=g-import-not-at-top
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    if type(e).__name__ != "UnpicklingError":  # what weights_only raises for objects
+      raise
     reason = str(e).strip().splitlines()[0]
     raise ConversionError(
-        f"{path}: torch.load(weights_only=True) refuses it: it pickles Python objects, such "
-        f"as a whole model saved with torch.save(model) ({reason}). "
-        + _PICKLED_OBJECT_HELP.format(path=path)) from e
+        f"{path}: weights_only=True refuses it: it pickles Python objects, such as a whole "
+        f"model saved with torch.save(model) ({reason}). {_PICKLED_OBJECT_HELP}") from e
   if isinstance(obj, Mapping) and "state_dict" in obj:
     info = ", ".join(f"{k} {obj[k]}" for k in ("epoch", "global_step") if k in obj)
     layout = "a {'state_dict': ...} checkpoint" + (f" ({info})" if info else "")

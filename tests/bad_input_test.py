@@ -415,6 +415,7 @@ def _load_into_fails(run, exc, source, *needles, **overrides):
   before = _digest(run["workdir"])
   config = _stage1(run["datalist"], **overrides)
   config.init_from = source
+  config.model.patch_merging = "all_neighbours"  # what a run resolves "auto" to first
   params = _zero_state(config).params
   with pytest.raises(exc) as info:
     transfer.load_into(config, models.from_config(config), params)
