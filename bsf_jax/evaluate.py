@@ -28,8 +28,11 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from bsf_jax import atomic_io, checkpointing, inference, metrics, models, scoring
-from bsf_jax import contract as contract_lib
+from bsf_jax.run import checkpointing, kinds
+from bsf_jax.data import atomic_io
+from bsf_jax.infer import inference, metrics, scoring
+from bsf_jax import models
+from bsf_jax.infer import contract as contract_lib
 from bsf_jax.data import labels
 from bsf_jax.data import pipeline
 
@@ -51,13 +54,13 @@ def evaluate_run(run_dir: str, config: ml_collections.ConfigDict,
                      f"{scoring.CONVENTIONS}")
   regions = list(labels.get(config.data.label_format).regions)
   params, meta, step = checkpointing.restore_params(
-      run_dir, which, metric="val_dice_mean", mode="max")
+      run_dir, which, metric=kinds.SEG.best_metric, mode=kinds.SEG.best_mode)
   checkpointing.check_contract(meta.get("contract", {}),
                                contract_lib.input_contract(config), run_dir)
   model = models.from_config(config)
   predict = inference.make_volume_predictor(model, config)
   rows, figure_item = [], None
-  for item in pipeline.make_eval_iter(config.data, task="seg"):
+  for item in pipeline.make_eval_iter(config.data, task=kinds.SEG.task):
     if not bool(item.get("mask", True)):
       continue
     probs = np.asarray(predict(params, jnp.asarray(item["image"])))

@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bsf_jax import checkpointing, distributed, workdir_lock
+from bsf_jax.run import checkpointing, distributed, workdir_lock
 from bsf_jax.data import store
 
 FLAGS = flags.FLAGS

@@ -40,8 +40,10 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from bsf_jax import atomic_io, checkpointing, config_lib, inference, metrics
-from bsf_jax import contract as contract_lib
+from bsf_jax.run import checkpointing, config_lib, kinds
+from bsf_jax.data import atomic_io
+from bsf_jax.infer import inference, metrics
+from bsf_jax.infer import contract as contract_lib
 from bsf_jax import models
 from bsf_jax.data import io as data_io
 from bsf_jax.data import labels as labels_lib
@@ -187,7 +189,7 @@ def output_convention(contract: dict, label_format: str | None = None):
   The checkpoint's (the training data's), else `label_format`, which must
   have the same regions (a BraTS 2021 model can write 2023 labels).
   """
-  trained = labels_lib.from_legacy_contract(contract)
+  trained = labels_lib.of_contract(contract)
   if trained is None:
     raise ValueError("the checkpoint's contract records no label convention "
                      "(not a segmentation run)")
@@ -206,7 +208,7 @@ def _predict(checkpoint: str, inputs: str, output: str, which: str,
              overrides: dict | None = None,
              label_format: str | None = None) -> None:
   params, meta, step = checkpointing.restore_params(
-      checkpoint, which, metric="val_dice_mean", mode="max")
+      checkpoint, which, metric=kinds.SEG.best_metric, mode=kinds.SEG.best_mode)
   contract = meta.get("contract")
   if not contract or "model" not in contract:
     raise ValueError(f"{checkpoint}: checkpoint has no input contract")
@@ -275,7 +277,7 @@ def _output_name(first_file: str) -> str:
 
 def _config_from_contract(contract: dict) -> ml_collections.ConfigDict:
   """The few config fields inference needs, rebuilt from the contract."""
-  from bsf_jax import config_lib
+  from bsf_jax.run import config_lib
   m = contract["model"]
   config = ml_collections.ConfigDict()
   config.model = config_lib.model_config("swin_unetr")

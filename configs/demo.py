@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from bsf_jax import config_lib, distributed
+from bsf_jax.run import config_lib, distributed
 
 
 def _stage(name: str, arg: str) -> ml_collections.ConfigDict:

@@ -6,7 +6,7 @@ r"""Stage 1: SSL pretraining on UK Biobank T1w + T2-FLAIR (paper section 2.5.1).
   python -m bsf_jax.main --config=configs/stage1.py:runlocal --workdir=/tmp/s1
 """
 
-from bsf_jax import config_lib
+from bsf_jax.run import config_lib
 
 
 def get_config(arg=None):

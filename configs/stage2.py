@@ -14,7 +14,7 @@ keep their weights by modality name, new ones are initialised
 (init_adapt_channels). A new dataset is one `DATASETS` entry.
 """
 
-from bsf_jax import config_lib
+from bsf_jax.run import config_lib
 
 # Per dataset: config.data fields, then optimisation (paper Table 3).
 DATASETS = {

@@ -17,7 +17,7 @@ written with the training data's labels (ET 4 in 2021, 3 in 2023+). A new
 dataset is one `DATASETS` entry.
 """
 
-from bsf_jax import config_lib
+from bsf_jax.run import config_lib
 
 # Per dataset: config.data fields, output channels, dropout, crop, batch,
 # schedule (paper Table 3, section 2.5.3).

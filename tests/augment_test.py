@@ -1,4 +1,4 @@
-"""Tests for bsf_jax.augment: reference statistics, exactness, determinism."""
+"""Tests for bsf_jax.step.augment: reference statistics, exactness, determinism."""
 
 import functools
 
@@ -9,7 +9,7 @@ from scipy import stats
 import jax
 import jax.numpy as jnp
 
-from bsf_jax import augment
+from bsf_jax.step import augment
 from bsf_jax.reference import augment as ref
 
 # Monte Carlo comparisons use two-sample KS tests with fixed seeds. The family

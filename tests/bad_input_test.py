@@ -21,7 +21,7 @@ import re
 import numpy as np
 import pytest
 
-from bsf_jax import config_lib
+from bsf_jax.run import config_lib
 from bsf_jax.data import DataError
 from bsf_jax.data import io
 from bsf_jax.data import pipeline
@@ -258,7 +258,7 @@ def _load_config(name, arg="runlocal"):
     ("train.num_steps", 0, "config.train.num_steps=0"),
 ])
 def test_config_invalid_value(key, value, needle):
-  from bsf_jax import config_lib
+  from bsf_jax.run import config_lib
   config = _load_config("stage1")
   block, field = key.split(".")
   config[block][field] = value
@@ -305,8 +305,9 @@ def _zero_state(config):
   eval_shape: the structure is the real one and nothing is compiled.
   """
   import jax
-  from bsf_jax import contract as contract_lib
-  from bsf_jax import models, optim, sharding, train_state
+  from bsf_jax.infer import contract as contract_lib
+  from bsf_jax import models
+  from bsf_jax.step import optim, sharding, train_state
   mesh = sharding.create_mesh(config.mesh)
   model = models.from_config(config)
   optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
@@ -320,8 +321,8 @@ def _zero_state(config):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """A workdir with a checkpoint at step 1, saved as the loop saves it."""
-  from bsf_jax import checkpointing, config_lib
-  from bsf_jax import contract as contract_lib
+  from bsf_jax.run import checkpointing, config_lib
+  from bsf_jax.infer import contract as contract_lib
   tmp = tmp_path_factory.mktemp("ckpt")
   config = _stage1(_ukb(tmp))
   it = pipeline.make_train_iter(config.data, task="ssl", seed=config.seed)
@@ -352,20 +353,20 @@ def _resume_fails(run, exc, *needles, **overrides):
 
 
 def test_ckpt_resume_with_wrong_model_size(run):
-  from bsf_jax import checkpointing
+  from bsf_jax.run import checkpointing
   _resume_fails(run, checkpointing.ContractError, "checkpoints/1",
                 "model", "'feature_size': 12", "'feature_size': 24",
                 **{"model.feature_size": 24})
 
 
 def test_ckpt_resume_with_wrong_channels(run):
-  from bsf_jax import checkpointing
+  from bsf_jax.run import checkpointing
   _resume_fails(run, checkpointing.ContractError, "modalities",
                 "['t1', 'flair']", "['t1']", **{"data.modalities": ("t1",)})
 
 
 def test_ckpt_resume_with_different_input_contract(run):
-  from bsf_jax import checkpointing
+  from bsf_jax.run import checkpointing
   _resume_fails(run, checkpointing.ContractError, "intensity",
                 "ct_window", **{"data.intensity": "zscore_nonzero"})
 
@@ -388,7 +389,7 @@ def test_ckpt_corrupt_metadata(run, tmp_path):
 def test_ckpt_truncated_array_file(run, tmp_path):
   """Restore (as the loop calls it) of a checkpoint with a cut array file."""
   import jax
-  from bsf_jax import checkpointing
+  from bsf_jax.run import checkpointing
   run = _copy_run(run, tmp_path)
   state_dir = os.path.join(run["workdir"], "checkpoints", "1", "state")
   files = [os.path.join(d, f) for d, _, fs in os.walk(state_dir) for f in fs]
@@ -411,7 +412,8 @@ def test_ckpt_truncated_array_file(run, tmp_path):
 def _load_into_fails(run, exc, source, *needles, **overrides):
   """`transfer.load_into` (what the loop calls for config.init_from) into a
   model built from the changed config; `run` stays intact."""
-  from bsf_jax import models, transfer
+  from bsf_jax import models
+  from bsf_jax.weights import transfer
   before = _digest(run["workdir"])
   config = _stage1(run["datalist"], **overrides)
   config.init_from = source
@@ -431,21 +433,21 @@ def test_ckpt_init_from_missing(run, tmp_path):
 
 
 def test_ckpt_init_from_wrong_model_size(run):
-  from bsf_jax import transfer
+  from bsf_jax.weights import transfer
   _load_into_fails(run, transfer.TransferError, run["workdir"],
                    "shape mismatches", "patch_embed",
                    **{"model.feature_size": 24})
 
 
 def test_ckpt_init_from_wrong_channels(run):
-  from bsf_jax import transfer
+  from bsf_jax.weights import transfer
   _load_into_fails(run, transfer.TransferError, run["workdir"],
                    "patch_embed", "init_adapt_channels",
                    **{"data.modalities": ("t1",)})
 
 
 def test_ckpt_init_from_unknown_file_type(run, tmp_path):
-  from bsf_jax import transfer
+  from bsf_jax.weights import transfer
   path = tmp_path / "weights.npz"
   path.write_bytes(b"not weights")
   _load_into_fails(run, transfer.TransferError, str(path), str(path),
@@ -462,7 +464,7 @@ def test_ckpt_init_from_truncated_torch_file(run, tmp_path):
 
 
 def test_ckpt_export_from_empty_workdir(tmp_path):
-  from bsf_jax import checkpointing
+  from bsf_jax.run import checkpointing
   os.makedirs(tmp_path / "empty" / "checkpoints")
   with pytest.raises(FileNotFoundError, match="No complete checkpoint in"):
     checkpointing.restore_params(str(tmp_path / "empty"))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsf_jax import checkpointing
+from bsf_jax.run import checkpointing
 
 
 def _iterator():
@@ -73,33 +73,6 @@ def test_contract_mismatch_is_loud():
         {"modalities": ["t1ce", "flair", "t1", "t2"], "roi": [96, 96, 96]},
         "ckpt/5")
   assert "modalities" in str(e.value) and "roi" not in str(e.value)
-
-
-def _legacy(contract, et_label):
-  """`contract` as the version before stored label conventions wrote it."""
-  legacy = {k: v for k, v in contract.items() if k != "labels"}
-  legacy.update(label_format={"brats2021": "brats", "brats2023": "brats"}.get(
-      contract["label_format"], contract["label_format"]), et_label=et_label)
-  return legacy
-
-
-@pytest.mark.parametrize("dataset, et_label", [
-    ("brats2021", 4), ("brats2023", 3), ("atlas", 4)])
-def test_earlier_versions_contracts_still_match(dataset, et_label):
-  # Runs started before label conventions were stored resume unchanged.
-  from bsf_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from bsf_jax import contract as contract_lib  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config = config_lib.load_file(os.path.join(root, "configs", "stage3.py"),
-                                f"dataset={dataset},runlocal")
-  current = contract_lib.input_contract(config)
-  legacy = _legacy(current, et_label)
-  assert "labels" not in legacy
-  assert contract_lib.upgrade(legacy) == current
-  checkpointing.check_contract(legacy, current, "old/5")
-  if dataset == "brats2021":  # But an old ET=3 run is not a 2021 run.
-    with pytest.raises(checkpointing.ContractError, match="label_format"):
-      checkpointing.check_contract(_legacy(current, 3), current, "old/5")
 
 
 def test_missing_checkpoint_dir_is_clear(tmp_path):

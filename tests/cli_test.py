@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from bsf_jax import config_lib
+from bsf_jax.run import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODALITIES = ("flair", "t1ce", "t1", "t2")  # the BraTS contract order

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from bsf_jax import config_lib
+from bsf_jax.run import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("stage1", "stage2", "stage3", "demo")

@@ -1,4 +1,4 @@
-"""bsf_jax.convert: formats, strictness, architecture inference, encoder transfer, CLI.
+"""bsf_jax.weights.convert: formats, strictness, architecture inference, encoder transfer, CLI.
 
 Numerical parity of converted weights is in models_test.py; these tests only
 trace shapes (`jax.eval_shape`) or compare arrays, so they are fast.
@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsf_jax import convert, models
+from bsf_jax.weights import convert
+from bsf_jax import models
 
 torch = pytest.importorskip("torch")
 monai_nets = pytest.importorskip("monai.networks.nets")
@@ -251,7 +252,7 @@ def test_released_ssl_checkpoint_imports_as_the_function_it_was_trained_as(tmp_p
   computes what the torch model it came from computes: the pre-2025 order
   (unrecorded, implied by the layout) and MONAI 1.5's (recorded by bsf_jax)."""
   import legacy_merging  # pylint: disable=g-import-not-at-top
-  from bsf_jax import transfer  # pylint: disable=g-import-not-at-top
+  from bsf_jax.weights import transfer  # pylint: disable=g-import-not-at-top
   from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top
   torch.manual_seed(5)
   tm = TorchSSLHead(2, feature_size=F, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))

@@ -8,7 +8,7 @@ import psutil
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bsf_jax import contract as contract_lib
+from bsf_jax.infer import contract as contract_lib
 from bsf_jax.data import DataError
 from bsf_jax.data import datalists
 from bsf_jax.data import demo

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from bsf_jax import config_lib
+from bsf_jax.run import config_lib
 from bsf_jax.data import DataError
 from bsf_jax.data import datalists
 from bsf_jax.data import demo

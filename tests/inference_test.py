@@ -1,4 +1,4 @@
-"""Tests for bsf_jax.inference against monai.inferers.sliding_window_inference.
+"""Tests for bsf_jax.infer.inference against monai.inferers.sliding_window_inference.
 
 The predictor is a small random 3x3x3 conv + tanh + 1x1x1 conv, written once in
 JAX (NDHWC) and once in torch (NCDHW) with the same weights. The 3x3x3 conv
@@ -12,7 +12,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from bsf_jax import inference
+from bsf_jax.infer import inference
 
 torch = pytest.importorskip("torch")
 monai = pytest.importorskip("monai")

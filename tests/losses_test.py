@@ -1,4 +1,4 @@
-"""Tests for bsf_jax.losses against the torch reference and real MONAI."""
+"""Tests for bsf_jax.step.losses against the torch reference and real MONAI."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from bsf_jax import losses
+from bsf_jax.step import losses
 
 torch = pytest.importorskip("torch")
 monai_losses = pytest.importorskip("monai.losses")

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from bsf_jax import checkpointing, config_lib
+from bsf_jax.run import checkpointing, config_lib
 from bsf_jax.trainers import finetune, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Tests for bsf_jax.metrics: hand-built cases and agreement with MONAI."""
+"""Tests for bsf_jax.infer.metrics: hand-built cases and agreement with MONAI."""
 
 import warnings
 
@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from bsf_jax import metrics, scoring
+from bsf_jax.infer import metrics, scoring
 from bsf_jax.data import labels as L
 
 torch = pytest.importorskip("torch")
@@ -369,7 +369,7 @@ def test_brats_region_dice_hand_built():
 
 def test_one_threshold_at_exactly_half():
   from monai.transforms import AsDiscrete
-  from bsf_jax import config_lib
+  from bsf_jax.run import config_lib
 
   p = np.array([0.0, 0.4999999, 0.5, 0.5000001, 1.0], np.float32)
   want = np.array([False, False, True, True, True])

@@ -5,7 +5,7 @@ each parameter's) of SwinUNETR, the SSL head and the encoder equal MONAI / the
 reference's autograd to 1e-9 relative, on both kernel paths (`impl="xla"`,
 the path GPUs take, and `impl="cpu"`), with and without remat, over a family
 of shapes, and for both patch-merging orders. Weights go both ways through
-`bsf_jax.convert`.
+`bsf_jax.weights.convert`.
 
 float32 tests then check accuracy against that float64 truth, with tolerances
 that no instruction set, fusion choice or LeakyReLU coin flip can break (see
@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsf_jax import convert, models
+from bsf_jax.weights import convert
+from bsf_jax import models
 from bsf_jax.models import attention, cpu_kernels, swin
 
 torch = pytest.importorskip("torch")

@@ -29,7 +29,7 @@ STEPS = 2
 def _train(mesh):
   """2 DP steps of the sharding test's TinyNet, feeding local rows only."""
   import jax  # pylint: disable=g-import-not-at-top
-  from bsf_jax import optim, sharding, train_state, train_step
+  from bsf_jax.step import optim, sharding, train_state, train_step
   import sharding_test as st
 
   model = st.TinyNet()
@@ -72,7 +72,7 @@ def _seg_config():
 
 def _validate(process_id, process_count):
   """This process's share of the volumes -> the gathered val_* means."""
-  from bsf_jax import scoring  # pylint: disable=g-import-not-at-top
+  from bsf_jax.infer import scoring  # pylint: disable=g-import-not-at-top
   config = _seg_config()
   rng = np.random.default_rng(0)
   volumes = [(rng.uniform(size=(8, 8, 8, 3)),
@@ -91,7 +91,8 @@ def _validate(process_id, process_count):
 def _worker(process_id, port, out_path):
   """Entry point of one process of the 2-process job."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from bsf_jax import distributed, sharding
+  from bsf_jax.run import distributed
+  from bsf_jax.step import sharding
 
   cfg = distributed.default_config()
   cfg.coordinator_address = f"localhost:{port}"
@@ -157,7 +158,7 @@ def test_two_processes_end_with_identical_params(tmp_path):
   # Same result as one process driving 4 devices with the whole batch.
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from bsf_jax import sharding
+  from bsf_jax.step import sharding
   mesh = sharding.create_mesh(
       ml_collections.ConfigDict({"data": -1, "fsdp": 1}),
       devices=jax.devices()[:4])
@@ -172,7 +173,7 @@ def test_two_processes_end_with_identical_params(tmp_path):
 
 
 def _cfg(**kw):
-  from bsf_jax import distributed  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import distributed  # pylint: disable=g-import-not-at-top
   cfg = distributed.default_config()
   cfg.update(kw)
   return cfg
@@ -184,7 +185,7 @@ _SLURM = {"SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "gpu[003-004]",
 
 
 def test_resolve_single_host_is_noop():
-  from bsf_jax import distributed  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import distributed  # pylint: disable=g-import-not-at-top
   assert distributed.resolve(_cfg(), env={}) is None
   distributed.initialize(_cfg())  # safe: nothing set in the test env
   assert distributed.resolve(_cfg(), env={"SLURM_JOB_ID": "5"}) is None
@@ -193,7 +194,7 @@ def test_resolve_single_host_is_noop():
 
 
 def test_resolve_slurm_process_per_gpu_and_per_node():
-  from bsf_jax import distributed  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import distributed  # pylint: disable=g-import-not-at-top
   plan = distributed.resolve(_cfg(), env=_SLURM)
   port = 1234 % 4096 + 65535 - 4096 + 1
   assert plan == distributed.Plan(f"gpu003:{port}", 16, 9, (1,), "slurm")
@@ -209,7 +210,7 @@ def test_resolve_slurm_process_per_gpu_and_per_node():
 
 
 def test_resolve_errors_name_the_problem():
-  from bsf_jax import distributed  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import distributed  # pylint: disable=g-import-not-at-top
   half = {k: v for k, v in _SLURM.items() if k != "SLURM_STEP_NODELIST"}
   with pytest.raises(ValueError, match="SLURM_STEP_NODELIST missing"):
     distributed.resolve(_cfg(), env=half)

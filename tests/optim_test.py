@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from bsf_jax import optim
+from bsf_jax.step import optim
 
 
 def cfg(**kw):

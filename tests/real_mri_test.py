@@ -18,7 +18,7 @@ import os
 import numpy as np
 import pytest
 
-from bsf_jax import config_lib
+from bsf_jax.run import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL = os.path.join(os.path.dirname(ROOT), "shared", "real-mri")
@@ -152,7 +152,7 @@ def test_predict_real_2023_named_case(finetuned, tmp_path, capsys):
   seg = np.asarray(nib.load(os.path.join(case23, f"{CASE23}-seg.nii.gz")).dataobj)
   assert (pred[seg > 0] > 0).mean() > 0.5
   # The contract's convention, or another with the same regions on request.
-  from bsf_jax.checkpointing import restore_params
+  from bsf_jax.run.checkpointing import restore_params
   meta = restore_params(workdir, "latest")[1]
   assert meta["contract"]["labels"]["values"] == {"1": "NCR", "2": "ED", "4": "ET"}
   conv, source = predict.output_convention(meta["contract"], "brats2023")
@@ -208,6 +208,6 @@ def test_stage1_reads_real_t1_flair_in_ukb_layout(tmp_path):
   pretrain.train_and_evaluate(config, workdir)
   losses = _losses(workdir)
   assert len(losses) == 2 and np.isfinite(losses).all()
-  from bsf_jax import checkpointing
+  from bsf_jax.run import checkpointing
   meta = checkpointing.read_meta(checkpointing.make_manager(workdir, read_only=True), 2)
   assert meta["contract"]["modalities"] == ["t1", "flair"]

@@ -51,7 +51,7 @@ def cohort(tmp_path_factory):
 _SAVER = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp
-    from bsf_jax import checkpointing
+    from bsf_jax.run import checkpointing
     workdir, n = sys.argv[1], int(sys.argv[2])
     manager = checkpointing.make_manager(workdir, keep_last=100)
     step = (manager.latest_step() or 0) + 1
@@ -82,7 +82,7 @@ def _read_until(proc, prefix):
 def test_kill_during_async_save_keeps_last_complete(tmp_path):
   """SIGKILL mid-save, three times at different delays, then restore."""
   import jax
-  from bsf_jax import checkpointing
+  from bsf_jax.run import checkpointing
   n = 32 * 2**20
   workdir = str(tmp_path / "w")
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
@@ -241,7 +241,7 @@ def _steps(workdir):
 
 def _params(workdir, step="latest"):
   import jax
-  from bsf_jax import checkpointing
+  from bsf_jax.run import checkpointing
   params, _, got = checkpointing.restore_params(workdir, step)
   return {"/".join(str(k.key) for k in path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}, got
@@ -281,7 +281,7 @@ def test_exact_resume_after_sigkill_and_sigterm(cohort, xla_cache, tmp_path):
   newest checkpoint truncated, resumes from the step before and takes over
   its stale lock. A second run started on the reference's workdir refuses,
   and the reference ends unharmed."""
-  from bsf_jax import workdir_lock
+  from bsf_jax.run import workdir_lock
   datalist = cohort["ukb"]["datalist"]
   ref = str(tmp_path / "ref")
   ref_proc = _start(_train_cmd(ref, datalist), xla_cache,
@@ -423,7 +423,7 @@ def test_workdir_lock_refuses_a_live_holder_and_takes_over_stale_ones(
     tmp_path, monkeypatch, caplog):
   import logging
   import socket
-  from bsf_jax import workdir_lock as wl
+  from bsf_jax.run import workdir_lock as wl
   monkeypatch.delenv("SLURM_JOB_ID", raising=False)
   monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
   workdir = str(tmp_path / "w")
@@ -562,8 +562,8 @@ def ssl_run(tmp_path_factory):
   """A stage-1 workdir (runlocal SSL head, zero params) at steps 1 and 2."""
   import jax
   import jax.numpy as jnp
-  from bsf_jax import checkpointing, config_lib
-  from bsf_jax import contract as contract_lib
+  from bsf_jax.run import checkpointing, config_lib
+  from bsf_jax.infer import contract as contract_lib
   from bsf_jax import models
   config = config_lib.load_file(os.path.join(ROOT, "configs", "stage1.py"),
                                 "runlocal")
@@ -586,7 +586,8 @@ def test_export_into_new_nested_folders_is_atomic(ssl_run, tmp_path,
                                                   monkeypatch):
   import errno
   import torch
-  from bsf_jax import atomic_io, export
+  from bsf_jax.data import atomic_io
+  from bsf_jax.weights import export
   out = tmp_path / "a" / "b" / "encoder.pt"
   line = export.export(ssl_run, str(out), "monai")
   assert "step 2" in line and str(out) in line
@@ -629,7 +630,8 @@ def test_corrupt_newest_checkpoint_gives_one_line_errors(ssl_run, tmp_path):
   """export (CLI), predict and evaluate name the step and suggest --step."""
   import ml_collections
   import shutil
-  from bsf_jax import checkpointing, evaluate, predict
+  from bsf_jax.run import checkpointing
+  from bsf_jax import evaluate, predict
   workdir = str(tmp_path / "run")
   shutil.copytree(ssl_run, workdir)
   bad = _truncate_newest(workdir)
@@ -663,7 +665,7 @@ def test_corrupt_newest_checkpoint_gives_one_line_errors(ssl_run, tmp_path):
 _AGREE = textwrap.dedent("""
     import os, sys
     import numpy as np
-    from bsf_jax import distributed
+    from bsf_jax.run import distributed
     pid, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     cfg = distributed.default_config()
     cfg.update(dict(coordinator_address=f"localhost:{port}", num_processes=2,
@@ -671,7 +673,7 @@ _AGREE = textwrap.dedent("""
     distributed.initialize(cfg)
     import grain, jax, jax.numpy as jnp
     from jax.experimental import multihost_utils
-    from bsf_jax import checkpointing
+    from bsf_jax.run import checkpointing
     sh = jax.sharding.NamedSharding(jax.make_mesh((4,), ("data",)),
                                     jax.sharding.PartitionSpec("data"))
     def data():

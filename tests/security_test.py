@@ -1,7 +1,7 @@
 """No code path unpickles untrusted data (issue 7, item 5).
 
 A malicious pickle whose `__reduce__` creates a file when unpickled is fed to
-every entry point that reads PyTorch files: the `bsf_jax.convert` library
+every entry point that reads PyTorch files: the `bsf_jax.weights.convert` library
 function and CLI, and `config.init_from` (stage transfer, as the loop calls
 it). Each must refuse it, and the file must never appear. At the end the same payload
 is unpickled the unsafe way to prove that it is live, so the test cannot pass
@@ -53,7 +53,7 @@ def evil(tmp_path):
 
 
 def test_convert_library_refuses_malicious_pickle(evil):
-  from bsf_jax import convert
+  from bsf_jax.weights import convert
   files, marker = evil
   for path in files.values():
     with pytest.raises(Exception, match="[Ww]eights.only|[Uu]npickl"):
@@ -63,7 +63,7 @@ def test_convert_library_refuses_malicious_pickle(evil):
 
 
 def test_init_from_refuses_malicious_pickle(evil):
-  from bsf_jax import transfer
+  from bsf_jax.weights import transfer
   files, marker = evil
   for path in files.values():
     with pytest.raises(transfer.TransferError) as info:
@@ -168,7 +168,7 @@ def test_config_json_is_data_only():
   code.
   """
   offenders = []
-  config_loader = os.path.join(ROOT, "bsf_jax", "config_lib.py")
+  config_loader = os.path.join(ROOT, "bsf_jax", "run", "config_lib.py")
   # `bench scale` compiles the real stage configs, and executes only the
   # repository's own configs/stage1.py and configs/stage3.py, by names it
   # fixes itself (never a path from a workdir or a flag).

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bsf_jax import optim, sharding, train_state, train_step
+from bsf_jax.step import optim, sharding, train_state, train_step
 
 ROI = 8
 IN_CH = 2
@@ -191,7 +191,7 @@ def test_bad_nonfinite_mode():
 
 def _preflight_job():
   """A pretrain config whose data does not exist, and a TinyNet job."""
-  from bsf_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import config_lib  # pylint: disable=g-import-not-at-top
   from bsf_jax.trainers import loop  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config("pretrain")
   config_lib.runlocal(config)
@@ -211,7 +211,7 @@ def _preflight_job():
 
 
 def test_preflight_stops_before_data_or_checkpoints(tmp_path, monkeypatch):
-  from bsf_jax import preflight  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import preflight  # pylint: disable=g-import-not-at-top
   from bsf_jax.trainers import loop  # pylint: disable=g-import-not-at-top
   config, job = _preflight_job()
   mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:2])

@@ -15,8 +15,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bsf_jax import augment, config_lib, losses, sharding, ssl_step
-from bsf_jax import models, train_state, train_step
+from bsf_jax.step import augment, losses, sharding, ssl_step
+from bsf_jax.run import config_lib
+from bsf_jax import models
+from bsf_jax.step import train_state, train_step
 from bsf_jax.bench import scale
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
@@ -80,7 +82,7 @@ class Stage1:
     self.mesh = sharding.create_mesh(config.mesh)
     self.config = config
     model = models.from_config(config, devices=list(self.mesh.devices.flat))
-    from bsf_jax import optim  # pylint: disable=g-import-not-at-top
+    from bsf_jax.step import optim  # pylint: disable=g-import-not-at-top
     tx = optim.make_optimizer(config.optim, config.train.num_steps)
     abstract, state_sh = train_state.abstract_train_state(
         model, tx, (1,) + SHAPE[1:], self.mesh, fsdp=fsdp > 1)
@@ -177,7 +179,7 @@ def test_bf16_steps_compute_in_bf16_with_fp32_params(dp):
   mesh = sharding.create_mesh(ml_collections.ConfigDict(
       {"data": 2, "fsdp": 1}), devices=jax.devices()[:2])
   model = models.from_config(config)
-  from bsf_jax import optim  # pylint: disable=g-import-not-at-top
+  from bsf_jax.step import optim  # pylint: disable=g-import-not-at-top
   tx = optim.make_optimizer(config.optim, 4)
   abstract, state_sh = train_state.abstract_train_state(
       model, tx, (1,) + SHAPE[1:], mesh, fsdp=False)

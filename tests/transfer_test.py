@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bsf_jax import transfer
+from bsf_jax.weights import transfer
 
 
 def _tree(in_ch, out_ch, seed=0):
@@ -108,7 +108,7 @@ def test_nothing_matching_is_an_error():
 
 def _source_run(workdir, val_rec_by_step, name="ssl_head", patch_merging=None):
   """A run's checkpoints whose params hold their step, ranked by val_rec."""
-  from bsf_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import checkpointing  # pylint: disable=g-import-not-at-top
   manager = checkpointing.make_manager(workdir, keep_last=10, keep_best=10)
   model = {"name": name} if patch_merging is None else {"name": name,
                                                        "patch_merging": patch_merging}
@@ -142,7 +142,7 @@ def test_init_from_step_is_validated(tmp_path):
 
 def test_auto_patch_merging_follows_the_source(tmp_path):
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from bsf_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import config_lib  # pylint: disable=g-import-not-at-top
 
   def config(init_from, order="auto"):
     c = ml_collections.ConfigDict({"init_from": init_from,
@@ -173,7 +173,7 @@ def test_auto_patch_merging_follows_the_source(tmp_path):
 def test_auto_patch_merging_needs_a_bare_state_dict_stated(tmp_path):
   torch = pytest.importorskip("torch")
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from bsf_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import config_lib  # pylint: disable=g-import-not-at-top
   path = str(tmp_path / "bare.pt")
   torch.save({"swinViT.patch_embed.proj.weight": torch.zeros(12, 1, 2, 2, 2)}, path)
   c = ml_collections.ConfigDict({"init_from": path, "model": config_lib.model_config("swin_unetr")})

@@ -6,9 +6,9 @@
       [--json OUT]
 
 A random 4-channel volume goes through SwinUNETR(4 -> 3) twice in one process:
-once through `bsf_jax.inference.sliding_window_inference` (one jitted program)
+once through `bsf_jax.infer.inference.sliding_window_inference` (one jitted program)
 and once through `monai.inferers.sliding_window_inference` with the MONAI
-model holding the same weights (exported by `bsf_jax.convert.params_to_torch`,
+model holding the same weights (exported by `bsf_jax.weights.convert.params_to_torch`,
 loaded with `load_state_dict(strict=True)`). It prints the compile time, the
 steady-state time of each side, the speed ratio and the largest logit
 difference (a check that both sides computed the same thing).
@@ -70,7 +70,8 @@ def main(argv: list[str]) -> int:
   from monai.inferers import sliding_window_inference as monai_swi
   from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
 
-  from bsf_jax import convert, inference
+  from bsf_jax.weights import convert
+  from bsf_jax.infer import inference
   from bsf_jax.models import NUM_HEADS, SwinUNETR, decode_size
 
   volume = tuple(int(v) for v in args.volume.split(","))

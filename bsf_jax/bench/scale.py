@@ -93,7 +93,7 @@ def analyse(compiled, param_bytes: int) -> dict:
   report = dict(collective_bytes=by_kind, total_collective_bytes=total,
                 ratio_to_params=total / param_bytes,
                 largest_collective_bytes=largest, param_bytes=param_bytes)
-  from bsf_jax import preflight  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import preflight  # pylint: disable=g-import-not-at-top
   memory = preflight.memory(compiled)  # The pre-flight's own reading.
   if memory is not None:
     report.update({f"{k}_bytes": v for k, v in memory.items() if k != "peak"})
@@ -125,7 +125,7 @@ def case_config(stage: int, size: str, n_devices: int, fsdp: int, dtype: str,
 
   `feature_size` / `roi` > 0 replace the config's (a cubic roi).
   """
-  from bsf_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import config_lib  # pylint: disable=g-import-not-at-top
   name = "stage1.py" if stage == 1 else "stage3.py"
   config = config_lib.load_file(os.path.join(_configs_dir(), name),
                                 f"size={size}")
@@ -148,7 +148,9 @@ def compile_step(config, mesh):
   """(compiled train step, abstract state) of `config` on `mesh`, run-free."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from bsf_jax import models, preflight, ssl_step  # pylint: disable=g-import-not-at-top
+  from bsf_jax import models  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import preflight
+  from bsf_jax.step import ssl_step
   from bsf_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
 
   model = models.from_config(config, devices=list(mesh.devices.flat))
@@ -259,7 +261,8 @@ def main(argv: list[str]) -> int:
   if rc is not None:
     return rc
   import jax  # pylint: disable=g-import-not-at-top
-  from bsf_jax import preflight, sharding  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import preflight  # pylint: disable=g-import-not-at-top
+  from bsf_jax.step import sharding
   devices = jax.devices()[:args.devices]
   if len(devices) < args.devices:
     print(f"--devices {args.devices}: this machine has {len(devices)}",

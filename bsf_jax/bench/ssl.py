@@ -107,8 +107,8 @@ class _JaxSide:
     import jax  # pylint: disable=g-import-not-at-top
     import ml_collections  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from bsf_jax import optim, sharding, ssl_step, train_state  # pylint: disable=g-import-not-at-top
-    from bsf_jax import train_step  # pylint: disable=g-import-not-at-top
+    from bsf_jax.step import optim, sharding, ssl_step, train_state  # pylint: disable=g-import-not-at-top
+    from bsf_jax.step import train_step  # pylint: disable=g-import-not-at-top
     from bsf_jax.models import SSLHead, decode_size  # pylint: disable=g-import-not-at-top
 
     self.jax = jax
@@ -140,7 +140,7 @@ class _JaxSide:
   def compile(self):
     lowered = self.step_fn.lower(self.state, self.batch, self.rng)
     self.compiled = lowered.compile()
-    from bsf_jax import preflight  # pylint: disable=g-import-not-at-top
+    from bsf_jax.run import preflight  # pylint: disable=g-import-not-at-top
     self.flops = preflight.step_flops(self.compiled) or float("nan")
 
   def step(self):
@@ -150,7 +150,7 @@ class _JaxSide:
 
   def views(self):
     """The views of step 0 (what the first timed step trained on)."""
-    from bsf_jax import augment  # pylint: disable=g-import-not-at-top
+    from bsf_jax.step import augment  # pylint: disable=g-import-not-at-top
     # The step's view key (`ssl_step.make_loss_fn`) for swap group 0.
     key = self.jax.random.split(self.jax.random.fold_in(self.rng, 0))[0]
     key = self.jax.random.fold_in(key, 0)
@@ -165,7 +165,7 @@ class _TorchSide:
   def __init__(self, args, jax_side: _JaxSide):
     import numpy as np  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
-    from bsf_jax import convert  # pylint: disable=g-import-not-at-top
+    from bsf_jax.weights import convert  # pylint: disable=g-import-not-at-top
     from bsf_jax.models import decode_size  # pylint: disable=g-import-not-at-top
     from bsf_jax.reference.losses import SSLLoss  # pylint: disable=g-import-not-at-top
     from bsf_jax.reference.ssl_head import TorchSSLHead  # pylint: disable=g-import-not-at-top

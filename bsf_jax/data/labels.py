@@ -85,18 +85,9 @@ def get(name: str) -> Convention | None:
   return None if name == NONE else CONVENTIONS[name]
 
 
-def from_legacy_contract(contract: dict) -> Convention | None:
-  """The convention a checkpoint's contract records.
-
-  Contracts written before conventions were stored have `label_format`
-  "brats" with `et_label` 4 or 3, or "atlas".
-  """
-  if "labels" in contract:
-    return Convention.from_contract(contract["labels"]) if contract["labels"] else None
-  fmt = contract.get("label_format", NONE)
-  if fmt == "brats":
-    return CONVENTIONS["brats2023" if contract.get("et_label", 4) == 3 else "brats2021"]
-  return get(fmt)
+def of_contract(contract: dict) -> Convention | None:
+  """The convention a checkpoint's contract records; None for an SSL run's."""
+  return Convention.from_contract(contract["labels"]) if contract.get("labels") else None
 
 
 def check_values(label, conv: Convention, path: str):

@@ -39,7 +39,7 @@ import time
 import ml_collections
 import numpy as np
 
-from bsf_jax import atomic_io
+from bsf_jax.data import atomic_io
 from bsf_jax.data import DataError
 from bsf_jax.data import datalists
 from bsf_jax.data import store

@@ -86,7 +86,7 @@ class StoreError(ValueError):
 
 def contract(data_cfg) -> dict[str, Any]:
   """The part of the run's data contract that a store must match."""
-  from bsf_jax import contract as contract_lib  # pylint: disable=g-import-not-at-top
+  from bsf_jax.data import contract as contract_lib  # pylint: disable=g-import-not-at-top
   full = contract_lib.data_contract(data_cfg)
   return {k: full[k] for k in CONTRACT_KEYS}
 

@@ -8,7 +8,7 @@ constructors take MONAI's keyword names plus `impl`, `attention` and `remat`
                    depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), impl="xla")
 
 `models.from_config(config)` builds the module a run's config names.
-Weight exchange with PyTorch/MONAI lives in `bsf_jax.convert`.
+Weight exchange with PyTorch/MONAI lives in `bsf_jax.weights.convert`.
 """
 
 from bsf_jax.models.build import (KINDS, SSLHead, SwinTransformer, SwinUNETR, build, from_config,

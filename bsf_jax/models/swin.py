@@ -4,7 +4,7 @@ MONAI reference: `monai/networks/nets/swin_unetr.py` (v1 "merging"
 downsampling, `use_v2=False`). Input is channels-last (B, H, W, D, C) with the
 spatial axes in MONAI's order. Module names mirror MONAI attribute names
 (`patch_embed/proj`, `layers1/blocks_0/attn/qkv`, `layers1/downsample/reduction`)
-so `bsf_jax.convert` is a mechanical name table plus transposes.
+so `bsf_jax.weights.convert` is a mechanical name table plus transposes.
 
 Static geometry (window shrinking, padding, shift masks, relative position
 index) is computed in NumPy at trace time from the input shape.

@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bsf_jax.models import variants
+
 IMPLS = ("auto", "xla", "cpu")
 ATTENTION_KERNELS = ("einsum", "xla_dpa", "cudnn")
 # "none", "block" (recompute each block from its input), or the name of a
@@ -83,10 +85,8 @@ def resolve_impl(impl: str, devices: Sequence[jax.Device] | None = None) -> str:
   return "cpu" if platforms[0] == "cpu" else "xla"
 
 
-def normalize_remat(remat: str | bool) -> str:
-  """A remat setting as one of `REMAT_CHOICES` (booleans: older configs)."""
-  if isinstance(remat, bool):
-    return "block" if remat else "none"
+def check_remat(remat: str) -> str:
+  """`remat`, refused unless one of `REMAT_CHOICES`."""
   if remat not in REMAT_CHOICES:
     raise ValueError(f"remat={remat!r}: expected one of {REMAT_CHOICES}")
   return remat
@@ -128,7 +128,7 @@ class SwinConfig:
   """
   feature_size: int = 48
   depths: tuple[int, ...] = (2, 2, 2, 2)
-  num_heads: tuple[int, ...] = (3, 6, 12, 24)
+  num_heads: tuple[int, ...] = variants.NUM_HEADS
   window_size: int | tuple[int, int, int] = 7
   patch_size: int = 2
   mlp_ratio: float = 4.0
@@ -152,7 +152,7 @@ class SwinConfig:
     set_("num_heads", tuple(int(h) for h in self.num_heads))
     if not isinstance(self.window_size, int):
       set_("window_size", tuple(int(w) for w in self.window_size))
-    set_("remat", normalize_remat(self.remat))
+    check_remat(self.remat)
     set_("dtype", jnp.dtype(self.dtype))
     set_("param_dtype", jnp.dtype(self.param_dtype))
     if self.impl not in ("xla", "cpu"):

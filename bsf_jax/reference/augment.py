@@ -9,7 +9,7 @@ and torch's `normal_()`. `rng.integers(lo, hi)` and `rng.uniform(0, m)` draw
 from the same ranges as the legacy global-state `randint(lo, hi)` and
 `uniform(0, m)` calls of the reference.
 
-tests/augment_test.py compares the statistics of `bsf_jax.augment` against
+tests/augment_test.py compares the statistics of `bsf_jax.step.augment` against
 this port by Monte Carlo.
 """
 

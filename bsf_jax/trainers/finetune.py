@@ -16,7 +16,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bsf_jax import inference, losses, models, scoring, sharding, transfer
+from bsf_jax.infer import inference, scoring
+from bsf_jax.step import losses, sharding
+from bsf_jax import models
+from bsf_jax.run import kinds
+from bsf_jax.weights import transfer
 from bsf_jax.data import pipeline
 from bsf_jax.trainers import loop
 
@@ -65,7 +69,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         jax.tree.map(lambda x: x.addressable_data(0), replicate(params)),
         sharding.replicated(local_mesh))
     per_volume = []
-    for i, item in enumerate(pipeline.make_eval_iter(config.data, task="seg")):
+    for i, item in enumerate(pipeline.make_eval_iter(config.data, task=kinds.SEG.task)):
       if 0 <= config.train.eval_batches <= i:
         break
       if not bool(item.get("mask", True)):
@@ -78,6 +82,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     return scoring.mean_volume_metrics(per_volume, keys)
 
   job = loop.Job(model=model, loss_fn=make_loss_fn(model, config.seg),
-                 task="seg", evaluate=evaluate, best_metric="val_dice_mean",
-                 best_mode="max")
+                 task=kinds.SEG.task, evaluate=evaluate, best_metric=kinds.SEG.best_metric,
+                 best_mode=kinds.SEG.best_mode)
   return loop.run(config, workdir, job, mesh)

@@ -23,11 +23,12 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bsf_jax import checkpointing, config_lib, metric_writers
-from bsf_jax import contract as contract_lib
-from bsf_jax import preflight
-from bsf_jax import sharding, train_state
-from bsf_jax import transfer, workdir_lock
+from bsf_jax.run import checkpointing, config_lib, metric_writers
+from bsf_jax.infer import contract as contract_lib
+from bsf_jax.run import preflight
+from bsf_jax.step import sharding, train_state
+from bsf_jax.weights import transfer
+from bsf_jax.run import workdir_lock
 from bsf_jax.data import pipeline
 
 
@@ -110,7 +111,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job,
 def _run(config: ml_collections.ConfigDict, workdir: str, job: Job,
          mesh: jax.sharding.Mesh) -> Any:
   # --- Data.
-  data_sharding = sharding.data_sharding(mesh)
   global_batch = config.data.batch_size
   if global_batch % mesh.size:
     # The batch is split over every mesh axis (data x fsdp).
@@ -132,7 +132,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str, job: Job,
   # --- Pre-flight: the step is compiled for this mesh, from abstract state
   # and batch, before any data is read or a checkpoint written; a step that
   # cannot fit stops here (preflight.py). The run executes this program.
-  num_steps = config.train.num_steps
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
   train_step, abstract, state_sharding, optimizer = preflight.compile_step(
@@ -153,29 +152,47 @@ def _run(config: ml_collections.ConfigDict, workdir: str, job: Job,
               inference=contract_lib.inference_settings(config))
   step0 = checkpointing.newest_step_checked(manager, contract)
 
-  # --- Resume into the abstract state (no init is materialised), else a
-  # fresh sharded state on device, maybe from a previous stage.
-  if step0 is not None:
-    # The newest step that restores; unreadable newer ones are moved aside.
-    state, _, step0 = checkpointing.restore_newest(manager, abstract,
-                                                   train_iter, contract)
-    logging.info("Resumed from %s step %d", manager.directory, step0)
-  else:
-    sample_shape = (1, *config.data.roi, contract_lib.in_channels(config))
-    state, _ = train_state.create_train_state(
-        job.model, optimizer, init_rng, sample_shape, mesh,
-        fsdp=config.mesh.fsdp != 1)
-    if config.init_from:
-      params = transfer.load_into(
-          config, job.model, jax.device_get(state.params))
-      state = state.replace(
-          params=jax.device_put(params, state_sharding.params))
-  start = int(jax.device_get(state.step))
+  state = _restore_or_init(config, job, mesh, manager, step0, abstract,
+                           state_sharding, optimizer, train_iter, contract,
+                           init_rng)
 
   if config.dry_run:
     preflight.print_dry_run(config, mesh, state, preflight_report,
                             next(train_iter))
     return state
+  return _train(config, workdir, job, mesh, state, train_iter, train_step,
+                step_rng, manager, meta)
+
+
+def _restore_or_init(config, job, mesh, manager, step0, abstract, state_sharding,
+                     optimizer, train_iter, contract, init_rng):
+  """The run's state: resumed from the workdir, else fresh (maybe `init_from`)."""
+  # Resume into the abstract state (no init is materialised), else a fresh
+  # sharded state on device, maybe from a previous stage.
+  if step0 is not None:
+    # The newest step that restores; unreadable newer ones are moved aside.
+    state, _, step0 = checkpointing.restore_newest(manager, abstract,
+                                                   train_iter, contract)
+    logging.info("Resumed from %s step %d", manager.directory, step0)
+    return state
+  sample_shape = (1, *config.data.roi, contract_lib.in_channels(config))
+  state, _ = train_state.create_train_state(
+      job.model, optimizer, init_rng, sample_shape, mesh,
+      fsdp=config.mesh.fsdp != 1)
+  if config.init_from:
+    params = transfer.load_into(
+        config, job.model, jax.device_get(state.params))
+    state = state.replace(
+        params=jax.device_put(params, state_sharding.params))
+  return state
+
+
+def _train(config, workdir, job, mesh, state, train_iter, train_step, step_rng,
+           manager, meta):
+  """Steps from the state's step to `config.train.num_steps`: logs, evaluates, saves."""
+  data_sharding = sharding.data_sharding(mesh)
+  num_steps = config.train.num_steps
+  start = int(jax.device_get(state.step))
   # Only now, after the resume/contract/init_from checks passed: a run that
   # fails them must not overwrite the config.json of the run it found.
   _write_config(config, workdir)

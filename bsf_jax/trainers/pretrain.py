@@ -16,7 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bsf_jax import augment, models, sharding, ssl_step, transfer
+from bsf_jax.step import augment, sharding, ssl_step
+from bsf_jax import models
+from bsf_jax.run import kinds
+from bsf_jax.weights import transfer
 from bsf_jax.data import pipeline
 from bsf_jax.trainers import loop
 
@@ -37,7 +40,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   def evaluate(params, step):
     del step
     totals: dict[str, float] = {}
-    for i, batch in enumerate(pipeline.make_eval_iter(config.data, task="ssl")):
+    for i, batch in enumerate(pipeline.make_eval_iter(config.data, task=kinds.SSL.task)):
       if 0 <= config.train.eval_batches <= i:
         break
       batch = pipeline.to_global_batch(batch, data_sharding)
@@ -55,14 +58,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   def images(params, step):
     del step
-    batch = next(iter(pipeline.make_eval_iter(config.data, task="ssl")))
+    batch = next(iter(pipeline.make_eval_iter(config.data, task=kinds.SSL.task)))
     x = jnp.asarray(batch["image"][:1])
     return {f"preview/{k}": v for k, v in zip(
         ("input", "augmented", "reconstruction"),
         (mid_slice(np.asarray(a)) for a in _preview(params, x, eval_key)))}
 
-  job = loop.Job(model=model, loss_fn=loss_fn, task="ssl", evaluate=evaluate,
-                 best_metric="val_rec", best_mode="min", images=images)
+  job = loop.Job(model=model, loss_fn=loss_fn, task=kinds.SSL.task, evaluate=evaluate,
+                 best_metric=kinds.SSL.best_metric, best_mode=kinds.SSL.best_mode,
+                 images=images)
   return loop.run(config, workdir, job, mesh)
 
 

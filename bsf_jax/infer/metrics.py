@@ -22,7 +22,7 @@ metrics (MONAI uses [B, K, *spatial]; only the layout differs).
   `AsDiscrete(threshold=0.5)` in the BraTS reference pipelines.
 
 Challenge scoring (lesion-wise, ATLAS, ISLES'22, BraTS 2023+) and the
-per-volume validation scores live in `bsf_jax.scoring`.
+per-volume validation scores live in `bsf_jax.infer.scoring`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
   per-volume scores and their mean over the volumes of every process.
 
 Inputs are channels-last binary masks (NumPy); the voxel metrics they build
-on (MONAI Dice and Hausdorff, the BraTS regions) are in `bsf_jax.metrics`.
+on (MONAI Dice and Hausdorff, the BraTS regions) are in `bsf_jax.infer.metrics`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from scipy import ndimage
 
-from bsf_jax import metrics
+from bsf_jax.infer import metrics
 
 # scipy.ndimage.generate_binary_structure rank for each 3D connectivity.
 _CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}

@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from bsf_jax.run import kinds
+
 
 class DoesNotFitError(RuntimeError):
   """The compiled train step needs more memory than a device has."""
@@ -65,7 +67,7 @@ def batch_spec(config: Any, task: str, sharding: Any) -> dict[str, Any]:
   b, roi = config.data.batch_size, tuple(config.data.roi)
   spec = {"image": jax.ShapeDtypeStruct(
       (b, *roi, len(config.data.modalities)), jnp.float32, sharding=sharding)}
-  if task == "seg":
+  if kinds.of_task(task).labelled:
     spec["label"] = jax.ShapeDtypeStruct(
         (b, *roi, config.model.out_channels), jnp.float32, sharding=sharding)
   return spec
@@ -87,13 +89,8 @@ def compile_step(config: Any, model: Any, loss_fn: Any, task: str,
     (compiled step, abstract state, state shardings, optimizer).
   """
   # pylint: disable=g-import-not-at-top
-  from bsf_jax import optim, sharding, train_state, train_step
-  optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
-  sample_shape = (1, *config.data.roi, len(config.data.modalities))
-  abstract, state_sharding = train_state.abstract_train_state(
-      model, optimizer, sample_shape, mesh, fsdp=config.mesh.fsdp != 1)
-  step = train_step.make_train_step(loss_fn, optimizer, mesh, state_sharding,
-                                    nonfinite=config.train.nonfinite)
+  from bsf_jax.step import sharding, train_step
+  step, abstract, state_sharding, optimizer = train_step.build(config, model, loss_fn, mesh)
   batch = batch_spec(config, task, sharding.data_sharding(mesh))
   compiled = step.lower(abstract, batch, rng).compile()
   return compiled, abstract, state_sharding, optimizer

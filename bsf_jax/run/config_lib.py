@@ -100,7 +100,7 @@ def model_config(name: str, size: str = "tiny") -> ml_collections.ConfigDict:
       # Tiny/Small/Big = depths 2-2-{2,6,18}-2 (paper Table 1).
       depths=depths,
       # Heads per stage, MONAI/BSF default.
-      num_heads=(3, 6, 12, 24),
+      num_heads=variants.NUM_HEADS,
       # Embedding width of stage 0; 48 in the paper and MONAI.
       feature_size=48,
       # Segmentation outputs (stage 3): 3 for BraTS TC/WT/ET, 1 for ATLAS.
@@ -160,7 +160,7 @@ def train_config() -> ml_collections.ConfigDict:
 
 def seg_config() -> ml_collections.ConfigDict:
   """The `config.seg` block: stage-3 loss and whole-volume validation."""
-  from bsf_jax import metrics  # Here, so configs/*.py import cheaply.
+  from bsf_jax.infer import metrics  # Here, so configs/*.py import cheaply.
   return ml_collections.ConfigDict(dict(
       # "dice" (BSF: DiceLoss(sigmoid=True)) or "dice_ce" (Dice + BCE).
       loss="dice",
@@ -185,7 +185,8 @@ def seg_config() -> ml_collections.ConfigDict:
 def base_config(trainer: str) -> ml_collections.ConfigDict:
   """A complete config with every block at its default."""
   # Imported here so `configs/*.py` can import config_lib cheaply.
-  from bsf_jax import distributed, optim, sharding, ssl_step
+  from bsf_jax.run import distributed
+  from bsf_jax.step import optim, sharding, ssl_step
   from bsf_jax.data import pipeline
 
   config = ml_collections.ConfigDict()
@@ -311,8 +312,6 @@ def _model_choice_problems(model: ml_collections.ConfigDict) -> list[str]:
              ("patch_merging", ("auto",) + tuple(swin_config.PATCH_MERGING_ORDERS)))
   for key, allowed in choices:
     value = model.get(key)
-    if key == "remat" and isinstance(value, bool):
-      continue  # Older configs: False/True mean "none"/"block".
     if value not in allowed:
       problems.append(f"config.model.{key}={value!r}: expected one of {list(allowed)}")
   if model.get("attention") == "cudnn" and model.get("dtype") != "bfloat16":

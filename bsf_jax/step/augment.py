@@ -472,7 +472,7 @@ def make_views(key: Array, x: Array, *, group_size: int | None = None,
   """The two-view recipe: view_i = aug_rand(rot_rand(x)).
 
   Feed view1 and view2 through the SSL model, then call
-  `bsf_jax.losses.ssl_loss(concat([rot1, rot2]), rot_labels, z1, z2,
+  `bsf_jax.step.losses.ssl_loss(concat([rot1, rot2]), rot_labels, z1, z2,
   concat([rec1, rec2]), rotated_targets)`.
 
   View v (0 or 1) uses k_v = `jax.random.split(key, 2)[v]`, split again into

@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from bsf_jax import optim, sharding
-from bsf_jax.train_state import TrainState
+from bsf_jax.step import optim, sharding, train_state
+from bsf_jax.step.train_state import TrainState
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -178,3 +178,25 @@ def make_train_step(loss_fn: LossFn,
                                repl),
                  out_shardings=(state_sharding, repl),
                  donate_argnums=(0,) if donate else ())
+
+
+def build(config: Any, model: Any, loss_fn: LossFn, mesh: Mesh):
+  """A run's train step, uncompiled, with what it runs on.
+
+  Args:
+    config: the run's config (`optim`, `train`, `data.roi`, `data.modalities`, `mesh.fsdp`).
+    model: the flax module.
+    loss_fn: its per-device loss (module docstring).
+    mesh: the run's mesh.
+
+  Returns:
+    (jitted step, abstract state, state shardings, optimizer): the state is
+    abstract (`train_state.abstract_train_state`), so nothing is allocated.
+  """
+  optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
+  sample_shape = (1, *config.data.roi, len(config.data.modalities))
+  abstract, state_sharding = train_state.abstract_train_state(
+      model, optimizer, sample_shape, mesh, fsdp=config.mesh.fsdp != 1)
+  step = make_train_step(loss_fn, optimizer, mesh, state_sharding,
+                         nonfinite=config.train.nonfinite)
+  return step, abstract, state_sharding, optimizer

@@ -21,7 +21,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from bsf_jax import sharding
+from bsf_jax.step import sharding
 
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0,

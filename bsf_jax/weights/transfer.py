@@ -2,7 +2,7 @@
 
 `config.init_from` may be a bsf_jax workdir or checkpoint step, or a PyTorch
 or safetensors file in the MONAI SwinUNETR, BrainSegFounder SSL or original
-`model_swinvit.pt` format (through `bsf_jax.convert`).
+`model_swinvit.pt` format (through `bsf_jax.weights.convert`).
 
 Params are matched by path. Equal shapes are copied. A shape that differs only
 in the modality-channel axis (the patch embedding's input channels, the SSL
@@ -47,7 +47,7 @@ def _read_torch_file(path: str):
     raise TransferError(
         f"config.init_from={path!r} is a file but not a PyTorch/safetensors "
         f"file ({', '.join(_TORCH_SUFFIXES)})")
-  from bsf_jax import convert  # pylint: disable=g-import-not-at-top  # Needs torch: lazy.
+  from bsf_jax.weights import convert  # pylint: disable=g-import-not-at-top  # Needs torch: lazy.
   try:
     return convert.read_torch_file(path)
   except Exception as e:
@@ -81,7 +81,7 @@ def load_source(path: str, init_from_step: str | int = "best"
   if os.path.isfile(path):
     torch_file = _read_torch_file(path)
     return load_torch_params(torch_file), None, torch_file.describe()
-  from bsf_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import checkpointing  # pylint: disable=g-import-not-at-top
   which = _which_step(init_from_step)
   params, meta, step = checkpointing.restore_params(path, which)
   modalities = meta.get("contract", {}).get("modalities")
@@ -97,7 +97,7 @@ def load_source(path: str, init_from_step: str | int = "best"
 def load_torch_params(torch_file) -> dict[str, Any]:
   """A `convert.TorchFile` as a bsf_jax params tree (an encoder under `swinViT`)."""
   # pylint: disable=g-import-not-at-top
-  from bsf_jax import convert
+  from bsf_jax.weights import convert
   from bsf_jax import models
   kind = torch_file.kind
   state_dict = torch_file.tensors_for(kind)
@@ -113,7 +113,7 @@ def source_patch_merging(path: str) -> tuple[str | None, str]:
   if os.path.isfile(path):
     torch_file = _read_torch_file(path)
     return torch_file.patch_merging, torch_file.merging_reason
-  from bsf_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import checkpointing  # pylint: disable=g-import-not-at-top
   model = checkpointing.run_meta(path).get("contract", {}).get("model", {})
   # Runs written before the order was recorded could only compute MONAI 1.5's.
   return model.get("patch_merging", "all_neighbours"), "recorded by the bsf_jax run"

@@ -44,6 +44,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from bsf_jax.run import kinds
+
 CKPT_SUBDIR = "checkpoints"
 # Where steps that fail to restore are moved (beside CKPT_SUBDIR, where
 # Orbax neither lists nor cleans them).
@@ -76,7 +78,8 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def make_manager(workdir: str, *, keep_last: int = 2, keep_best: int = 1,
-                 best_metric: str = "val_rec", best_mode: str = "min",
+                 best_metric: str = kinds.SSL.best_metric,
+                 best_mode: str = kinds.SSL.best_mode,
                  async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """Creates the workdir's CheckpointManager.
@@ -143,18 +146,10 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     raise ValueError(f"Checkpoint metadata {path} is corrupt: {e}") from None
 
 
-# How a run's checkpoints rank ("best"), by the model it trains: SSL runs by
-# validation reconstruction loss, as the reference does; fine-tuning runs by
-# mean Dice.
-BEST_METRIC = {"ssl_head": ("val_rec", "min"), "swin_unetr": ("val_dice_mean", "max")}
-
-
 def best_metric_of(meta: dict[str, Any]) -> tuple[str, str]:
   """(metric, mode) that ranks the checkpoints of the run `meta` belongs to."""
-  kind = meta.get("contract", {}).get("model", {}).get("name")
-  if kind not in BEST_METRIC:
-    raise ValueError(f"checkpoint metadata has no model name (contract.model.name={kind!r})")
-  return BEST_METRIC[kind]
+  kind = kinds.of_model(meta.get("contract", {}).get("model", {}).get("name"))
+  return kind.best_metric, kind.best_mode
 
 
 def best_step(manager: ocp.CheckpointManager, metric: str,
@@ -176,7 +171,8 @@ def best_step(manager: ocp.CheckpointManager, metric: str,
 
 
 def resolve_step(manager: ocp.CheckpointManager, which: str | int | None,
-                 metric: str = "val_rec", mode: str = "min") -> int:
+                 metric: str = kinds.SSL.best_metric,
+                 mode: str = kinds.SSL.best_mode) -> int:
   """Turns "latest", "best" or a step number into an existing step."""
   steps = manager.all_steps()
   if not steps:
@@ -460,7 +456,7 @@ def restore_params(path: str, which: str | int | None = "latest",
   Args:
     path: a workdir, its `checkpoints` dir, or one step dir inside it.
     which: "latest", "best" or a step (ignored when `path` is a step dir).
-    metric, mode: how "best" is ranked (default: the run's own, `BEST_METRIC`).
+    metric, mode: how "best" is ranked (default: the run's own, `kinds.RunKind`).
 
   Returns:
     (params as numpy arrays, meta, step).
@@ -507,7 +503,7 @@ def check_contract(saved: dict[str, Any], current: dict[str, Any],
   roi must match exactly. A contract of an earlier version is compared as
   this version would have written it (`contract.upgrade`).
   """
-  from bsf_jax import contract  # pylint: disable=g-import-not-at-top
+  from bsf_jax.infer import contract  # pylint: disable=g-import-not-at-top
   saved = contract.upgrade(saved)
   problems = []
   for key in sorted(set(saved) | set(current)):

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, PartitionSpec as P
 
-from bsf_jax import augment, losses, models, sharding
+from bsf_jax.step import augment, losses, sharding
+from bsf_jax import models
 
 NEGATIVES = ("global", "device")
 

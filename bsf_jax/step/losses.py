@@ -157,7 +157,7 @@ def ssl_loss(
 ) -> tuple[Array, Mapping[str, Array]]:
   """The BrainSegFounder SSL objective (reference `Loss`, alpha1..3 = weights).
 
-  Concatenation order follows `bsf_jax.augment.make_views`: the first B rows of
+  Concatenation order follows `bsf_jax.step.augment.make_views`: the first B rows of
   `rot_logits`, `rot_labels`, `recon`, `recon_target` belong to view 1, the next
   B rows to view 2.
 

@@ -1,0 +1,4 @@
+"""The training step: state, sharding, optimizer, losses, SSL augmentation and the SSL step.
+
+Imports models only; never run plumbing, trainers or entry points.
+"""
