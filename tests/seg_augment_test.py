@@ -22,10 +22,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
-from bsf_jax import augment, checkpointing, config_lib, sharding
+from bsf_jax import augment, checkpointing, config_lib, models, sharding
 from bsf_jax.data import demo, pipeline
 from bsf_jax.data import transforms as T
-from bsf_jax.trainers import finetune
+from bsf_jax.trainers import finetune, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 20_000
@@ -175,35 +175,46 @@ def test_host_only_reads_crops_when_the_device_augments(brats):
                              process_index=0, process_count=1)
 
 
-def _finetune_config(brats, steps):
+@pytest.fixture
+def fast_compile():
+  # As in augment_test: XLA's optimisation passes dominate these tiny
+  # programs' cost on a CPU.
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+def _train(brats, workdir, steps):
+  """A tiny stage-3 run on 2 devices through the shared training loop, with
+  the fine-tuning loss and device augmentation (no validation: nothing here
+  needs it)."""
   config = config_lib.load_file(os.path.join(ROOT, "configs", "stage3.py"),
                                 "dataset=brats2021,runlocal=True")
   config.data.update(datalist=brats["datalist"], root=brats["root"], roi=(32, 32, 32),
                      num_samples=1, batch_size=2)
   config.mesh.num_devices = 2
   config.model.update(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
-  config.train.update(num_steps=steps, eval_every=0, ckpt_every=2, eval_batches=1,
-                      log_every=1)
+  config.train.update(num_steps=steps, eval_every=0, ckpt_every=2, log_every=1)
   assert pipeline.seg_augmentation(config.data) == "device"
-  return config
-
-
-def _params(workdir):
+  mesh = sharding.create_mesh(config.mesh)
+  model = models.from_config(config, devices=list(mesh.devices.flat))
+  job = loop.Job(model=model, loss_fn=finetune.make_loss_fn(model, config.seg, True),
+                 task="seg", evaluate=None, best_metric="val_dice_mean", best_mode="max")
+  loop.run(config, workdir, job, mesh)
   params, _, step = checkpointing.restore_params(workdir, "latest")
   return step, {jax.tree_util.keystr(p): np.asarray(x)
                 for p, x in jax.tree_util.tree_leaves_with_path(params)}
 
 
-def test_resumed_run_equals_uninterrupted(brats, tmp_path):
-  """4 steps in one go, against 2 steps then a restart to 4: bit-identical
+def test_resumed_run_equals_uninterrupted(brats, tmp_path, fast_compile):
+  """3 steps in one go, against 2 steps then a restart to 3: bit-identical
   (the crops' augmentation keys come from the step, not from the process)."""
   whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-  finetune.train_and_evaluate(_finetune_config(brats, 4), whole)
-  finetune.train_and_evaluate(_finetune_config(brats, 2), parts)
-  assert _params(parts)[0] == 2
-  finetune.train_and_evaluate(_finetune_config(brats, 4), parts)
-  (step_a, a), (step_b, b) = _params(whole), _params(parts)
-  assert step_a == step_b == 4
+  step_a, a = _train(brats, whole, 3)
+  assert _train(brats, parts, 2)[0] == 2
+  step_b, b = _train(brats, parts, 3)
+  assert step_a == step_b == 3
   assert a.keys() == b.keys()
   different = [k for k in a if not np.array_equal(a[k], b[k])]
   assert not different, different[:5]
