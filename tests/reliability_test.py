@@ -162,7 +162,7 @@ _WORKER_KILLER = textwrap.dedent("""
       workers = [c for c in psutil.Process().children()
                  if "resource_tracker" not in " ".join(c.cmdline())]
       assert len(workers) == 2, workers
-      print("WORKERS", *[w.pid for w in workers], flush=True)
+      print("WORKERS", *[f"{w.pid}:{w.create_time()}" for w in workers], flush=True)
       # Wait until both workers' buffers are full and they sit blocked in a
       # write (no CPU used for a second); the kill works at any moment, this
       # is only the moment that used to hang.
@@ -216,22 +216,25 @@ def test_killed_data_worker_errors_instead_of_hanging(tmp_path, cohort):
     # Ours, or Grain's own when it saw the death first: either names it.
     assert ("WorkerDiedError: data worker" in lines[-1] and "SIGKILL" in lines[-1]) or (
         "Worker process was terminated unexpectedly" in lines[-1]), lines[-1]
-    pids = [int(p) for p in lines[0].split()[1:]]
+    workers = [tuple(w.split(":")) for w in lines[0].split()[1:]]
     # They exit within a second of their parent; a minute is for a loaded
     # machine. An orphan stays blocked forever.
     deadline = time.monotonic() + 60
-    while _running(pids) and time.monotonic() < deadline:
+    while _running(workers) and time.monotonic() < deadline:
       time.sleep(0.2)
-    assert not _running(pids), (mode, "workers outlived the trainer")
+    assert not _running(workers), (mode, "workers outlived the trainer")
 
 
-def _running(pids):
-  """Those of `pids` still running (a zombie has exited)."""
+def _running(workers):
+  """The (pid, start time) of `workers` still running (a zombie has exited;
+  another start time is another process that got the PID)."""
   import psutil
   running = []
-  for pid in pids:
+  for pid, start in workers:
     try:
-      if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+      process = psutil.Process(int(pid))
+      if (process.create_time() == float(start) and
+          process.status() != psutil.STATUS_ZOMBIE):
         running.append(pid)
     except psutil.NoSuchProcess:
       pass
