@@ -11,9 +11,8 @@ of crops. Segmentation crops are augmented here only under
 device (`bsf_jax.augment.seg_augment`). Random crops/augmentations get
 Grain's per-element rng (derived from the seed and the element index), so a
 run is reproducible and `get_state()/set_state()` resumes at exactly the same
-element. Memory is
-bounded by (workers x prefetch) batches plus one volume per worker/thread,
-never by the dataset size.
+element. Memory is bounded by (workers x prefetch) batches plus one volume per
+worker/thread, never by the dataset size.
 
 Eval (finite, deterministic): no shuffle, no augmentation; the record list
 is padded with masked copies so every process yields the same number of full
@@ -409,8 +408,8 @@ def make_eval_iter(cfg, *, task: str, process_index=None, process_count=None,
 
   Returns:
     An iterable (each `iter()` starts over; a Grain `IterDataset`, or with
-    workers a `workers.WatchedDataset`); every process
-    yields the same number of items.
+    workers a `workers.WatchedDataset`); every process yields the same number
+    of items.
   """
   spec = _Spec.from_config(cfg, task)
   pi, pc = _process(process_index, process_count)

@@ -3,9 +3,9 @@
 The encoder starts from a stage-1/2 run or a PyTorch BSF/MONAI checkpoint
 (`config.init_from`). Training uses random roi crops with the fine-tuning
 augmentations (flips, intensity scale and shift), applied by default inside
-the jitted step (`data.augment_on="device"`): each crop draws from
-`fold_in(step key, its index in the global batch)`, so the draws do not depend
-on the number of devices, and a resumed run repeats them exactly. Validation
+the jitted step (`data.augment_on="device"`): each crop draws from the step's
+key folded with its index in the global batch, so the draws do not depend on
+the number of devices, and a resumed run repeats them exactly. Validation
 runs jitted sliding-window inference over whole volumes and reports per-class
 Dice (TC/WT/ET for BraTS, lesion metrics for ATLAS). The best checkpoint is
 the one with the highest mean Dice.
