@@ -149,6 +149,7 @@ def compile_step(config, mesh):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from bsf_jax import models, preflight, ssl_step  # pylint: disable=g-import-not-at-top
+  from bsf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from bsf_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
 
   model = models.from_config(config, devices=list(mesh.devices.flat))
@@ -156,7 +157,8 @@ def compile_step(config, mesh):
     task, loss_fn = "ssl", ssl_step.make_loss_fn(
         model, config.ssl, jnp.dtype(config.model.dtype))
   else:
-    task, loss_fn = "seg", finetune.make_loss_fn(model, config.seg)
+    task, loss_fn = "seg", finetune.make_loss_fn(
+        model, config.seg, pipeline.seg_augmentation(config.data) == "device")
   compiled, abstract, _, _ = preflight.compile_step(
       config, model, loss_fn, task, mesh, jax.random.key(0))
   return compiled, abstract

@@ -28,7 +28,7 @@ from bsf_jax import contract as contract_lib
 from bsf_jax import preflight
 from bsf_jax import sharding, train_state
 from bsf_jax import transfer, workdir_lock
-from bsf_jax.data import pipeline
+from bsf_jax.data import datalists, pipeline
 
 
 class NonFiniteError(RuntimeError):
@@ -141,6 +141,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, job: Job,
   for line in preflight_report:
     logging.info("%s", line)
 
+  if not config.data.datalist and not config.data.get("store"):
+    # One directory scan per run: process 0 writes it to the workdir, every
+    # process (and every evaluation) reads it from there.
+    config.data.datalist = datalists.run_datalist(config.data, workdir)
   train_iter = pipeline.make_train_iter(
       config.data, task=job.task, seed=config.seed)
 
