@@ -256,6 +256,7 @@ def _load_config(name, arg="runlocal"):
     ("data.batch_size", 3, "config.data.batch_size=3"),
     ("train.nonfinite", "ignore", "config.train.nonfinite='ignore'"),
     ("train.num_steps", 0, "config.train.num_steps=0"),
+    ("data.augment_on", "gpu", "config.data.augment_on='gpu'"),
 ])
 def test_config_invalid_value(key, value, needle):
   from bsf_jax.run import config_lib

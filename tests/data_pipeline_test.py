@@ -159,6 +159,40 @@ def test_datalists(cohort):
   assert all(os.path.isfile(r["label"]) for r in a_train + a_val)
 
 
+def test_run_datalist_scans_once_and_reads_as_the_scan(cohort, tmp_path, monkeypatch):
+  """`run_datalist` writes the scan; loading it gives the scan's records."""
+  scans = []
+  real_scan = datalists.scan
+  monkeypatch.setattr(datalists, "scan", lambda cfg: scans.append(cfg.root) or real_scan(cfg))
+  # Relative roots: the written paths are absolute, so they read from anywhere.
+  monkeypatch.chdir(os.path.dirname(cohort["ukb"]["root"]))
+  cases = {"ukb": dict(root="ukb", min_slices=50, val_fraction=0.4),
+           "brats": dict(root="brats", fold=2),
+           "atlas": dict(root="atlas")}
+  for dataset, kw in cases.items():
+    scanned = _cfg(cohort, dataset, datalist="", **kw)
+    workdir = str(tmp_path / dataset)
+    path = datalists.run_datalist(scanned, workdir)
+    assert path == os.path.join(workdir, datalists.RUN_DATALIST)
+    from_file = scanned.copy_and_resolve_references()
+    from_file.datalist = path
+    absolute = lambda recs: [{**r, "image": [os.path.abspath(p) for p in r["image"]],
+                              "label": r["label"] and os.path.abspath(r["label"])}
+                             for r in recs]
+    got, want = datalists.load_datalist(from_file), datalists.load_datalist(scanned)
+    assert [absolute(r) for r in got] == [absolute(r) for r in want], dataset
+    assert all(os.path.isabs(p) for r in got[0] for p in r["image"])
+    # A restart reuses it; other scan settings scan again.
+    before = len(scans)
+    assert datalists.run_datalist(scanned, workdir) == path and len(scans) == before
+    if dataset == "ukb":
+      scanned.min_slices = 1000
+      with pytest.raises(DataError, match="no ukb subjects found"):
+        datalists.run_datalist(scanned, workdir)
+      assert len(scans) == before + 1
+  assert len(scans) == 4
+
+
 def test_memory_is_bounded_by_buffers_not_dataset(tmp_path):
   """One epoch over 60 volumes (140 MB decoded): RSS stays flat."""
   rng = np.random.default_rng(0)

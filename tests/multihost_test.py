@@ -1,13 +1,17 @@
 """Multi-host: two local CPU processes train together and agree.
 
 The test starts this file twice as a worker (`python multihost_test.py worker
-<process_id> <port> <out.npz>`), each process with 2 fake CPU devices, joined
+<process_id> <port> <out_dir>`), each process with 2 fake CPU devices, joined
 by `jax.distributed.initialize` into one 4-device mesh. Each process feeds
 only its own half of the global batch. After 2 steps both must hold identical
 parameters, equal to a single-process run on 4 devices with the whole batch.
 Then each process scores its own share of fine-tuning validation volumes
 (every other one, padded as `make_eval_iter` pads), and both must report the
 mean metrics of all volumes, as one process scoring them all does.
+
+A run without a datalist (`datalists.run_datalist`): process 0 scans the
+data folder once and writes the datalist into the workdir, process 1 waits and
+reads it without scanning; when process 0's scan fails, both raise.
 
 Also unit tests for `distributed.resolve` (SLURM auto-detection rules) that
 need no processes.
@@ -88,18 +92,24 @@ def _validate(process_id, process_count):
       config.data.label_format, config.model.out_channels))
 
 
-def _worker(process_id, port, out_path):
-  """Entry point of one process of the 2-process job."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from bsf_jax.run import distributed
-  from bsf_jax.step import sharding
-
+def _join(process_id, port):
+  """Joins the 2-process job."""
+  from bsf_jax.run import distributed  # pylint: disable=g-import-not-at-top
   cfg = distributed.default_config()
   cfg.coordinator_address = f"localhost:{port}"
   cfg.num_processes = 2
   cfg.process_id = process_id
   cfg.initialization_timeout = 60
   distributed.initialize(cfg)
+
+
+def _worker(process_id, port, out_dir):
+  """One process of the 2-process training job; writes OUT_DIR/p{id}.npz."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from bsf_jax.step import sharding
+
+  out_path = os.path.join(out_dir, f"p{process_id}.npz")
+  _join(process_id, port)
   import jax  # pylint: disable=g-import-not-at-top
   assert jax.process_count() == 2 and jax.device_count() == 4, (
       jax.process_count(), jax.devices())
@@ -117,7 +127,9 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_end_with_identical_params(tmp_path):
+def _run_two(mode, *args):
+  """Runs `python multihost_test.py MODE PROCESS_ID PORT *args` for process
+  ids 0 and 1 side by side; returns their outputs (both must exit 0)."""
   port = _free_port()
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
@@ -127,10 +139,9 @@ def test_two_processes_end_with_identical_params(tmp_path):
        env.get("PYTHONPATH", "")])
   for var in ("SLURM_JOB_ID", "JAX_COORDINATOR_ADDRESS"):
     env.pop(var, None)
-  outs = [tmp_path / f"p{i}.npz" for i in range(2)]
   procs = [subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__), "worker", str(i), str(port),
-       str(outs[i])], env=env, stdout=subprocess.PIPE,
+      [sys.executable, os.path.abspath(__file__), mode, str(i), str(port),
+       *map(str, args)], env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
   logs = []
   try:
@@ -149,6 +160,12 @@ def test_two_processes_end_with_identical_params(tmp_path):
         p.wait()
   for i, p in enumerate(procs):
     assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
+  return logs
+
+
+def test_two_processes_end_with_identical_params(tmp_path):
+  _run_two("worker", tmp_path)
+  outs = [tmp_path / f"p{i}.npz" for i in range(2)]
 
   p0, p1 = (dict(np.load(o)) for o in outs)
   assert p0.keys() == p1.keys()
@@ -226,9 +243,63 @@ def test_resolve_errors_name_the_problem():
     distributed.resolve(_cfg(), env={**_SLURM, "SLURM_PROCID": "x"})
 
 
+def _scanner(process_id, port, root, tmp):
+  """One process of a 2-process run without a datalist (`run_datalist`)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from bsf_jax.data import DataError, datalists, pipeline  # pylint: disable=g-import-not-at-top
+  _join(process_id, port)
+  real_scan = datalists.scan
+
+  def scan(cfg):  # Every scan leaves a line naming its process.
+    with open(os.path.join(tmp, "scans.log"), "a") as f:
+      f.write(f"{process_id}\n")
+    return real_scan(cfg)
+
+  datalists.scan = scan
+  cfg = pipeline.default_config()
+  cfg.update(dict(dataset="ukb", root=root, min_slices=50))
+  # Process 0's scan fails: every process raises, none waits forever.
+  empty = cfg.copy_and_resolve_references()
+  empty.root = os.path.join(tmp, "empty")
+  try:
+    datalists.run_datalist(empty, os.path.join(tmp, "wd_empty"))
+    print("NO ERROR", flush=True)
+  except DataError as e:
+    print(f"ERROR {e}", flush=True)
+  cfg.datalist = datalists.run_datalist(cfg, os.path.join(tmp, "wd"))
+  train, val = datalists.load_datalist(cfg)
+  print("RECORDS", json.dumps([train, val]), flush=True)
+
+
+def test_two_processes_scan_once(tmp_path):
+  """Without a datalist, process 0 scans and writes it; process 1 reads it."""
+  import json  # pylint: disable=g-import-not-at-top
+  from bsf_jax.data import datalists, demo, pipeline  # pylint: disable=g-import-not-at-top
+  root = demo.write_demo_cohort(str(tmp_path / "cohort"), subjects=3, seed=0,
+                                small=True, datasets=("ukb",))["ukb"]["root"]
+  os.makedirs(tmp_path / "empty")
+  logs = _run_two("scanner", root, tmp_path)
+  with open(tmp_path / "scans.log") as f:
+    assert f.read().split() == ["0", "0"]  # the failed scan, the good one
+  errors = [[l for l in log.splitlines() if l.startswith(("ERROR", "NO ERROR"))]
+            for log in logs]
+  assert "no ukb subjects found" in errors[0][0], logs[0][-3000:]
+  assert "process 0 could not scan" in errors[1][0], logs[1][-3000:]
+  records = [json.loads(next(l for l in log.splitlines()
+                             if l.startswith("RECORDS "))[len("RECORDS "):])
+             for log in logs]
+  cfg = pipeline.default_config()
+  cfg.update(dict(dataset="ukb", root=root, min_slices=50))
+  assert records[0] == records[1] == json.loads(json.dumps(
+      datalists.load_datalist(cfg)))
+  assert os.path.isfile(tmp_path / "wd" / datalists.RUN_DATALIST)
+
+
 if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   if len(sys.argv) == 5 and sys.argv[1] == "worker":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+  elif len(sys.argv) == 6 and sys.argv[1] == "scanner":
+    _scanner(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
   else:
-    sys.exit(f"usage: {sys.argv[0]} worker PROCESS_ID PORT OUT.npz")
+    sys.exit(f"usage: {sys.argv[0]} worker|scanner PROCESS_ID PORT ARGS...")

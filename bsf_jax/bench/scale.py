@@ -151,6 +151,7 @@ def compile_step(config, mesh):
   from bsf_jax import models  # pylint: disable=g-import-not-at-top
   from bsf_jax.run import preflight
   from bsf_jax.step import ssl_step
+  from bsf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from bsf_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
 
   model = models.from_config(config, devices=list(mesh.devices.flat))
@@ -158,7 +159,8 @@ def compile_step(config, mesh):
     task, loss_fn = "ssl", ssl_step.make_loss_fn(
         model, config.ssl, jnp.dtype(config.model.dtype))
   else:
-    task, loss_fn = "seg", finetune.make_loss_fn(model, config.seg)
+    task, loss_fn = "seg", finetune.make_loss_fn(
+        model, config.seg, pipeline.seg_augmentation(config.data) == "device")
   compiled, abstract, _, _ = preflight.compile_step(
       config, model, loss_fn, task, mesh, jax.random.key(0))
   return compiled, abstract

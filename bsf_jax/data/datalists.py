@@ -127,7 +127,8 @@ def json_records(path: str, root: str = "") -> dict[str, list[dict]]:
         raise DataError(f"{path}: {name}[{i}] has no 'image' entry")
       images = item["image"] if isinstance(item["image"], list) else [item["image"]]
       label = item.get("label", "")
-      recs.append({"id": f"{name}[{i}]",
+      # Scans write their subject ids (`run_datalist`); splits sort by id.
+      recs.append({"id": str(item.get("id", f"{name}[{i}]")),
                    "image": [_resolve(p, base) for p in images],
                    "label": _resolve(label, base) if label else "",
                    "fold": int(item.get("fold", -1))})
@@ -209,6 +210,110 @@ def atlas_scan(root: str) -> list[dict]:
   t1s = sorted(glob.glob(os.path.join(root, "**", "sub-*_T1w.nii.gz"), recursive=True))
   return [{"id": os.path.basename(p).split("_")[0], "image": [p],
            "label": p[: -len("_T1w.nii.gz")] + ATLAS_MASK_SUFFIX} for p in t1s]
+
+
+def scan_settings(cfg) -> dict:
+  """The `config.data` fields a directory scan's result depends on."""
+  settings = {"dataset": cfg.dataset, "root": os.path.abspath(cfg.root)}
+  if cfg.dataset == "ukb":
+    settings["min_slices"] = int(cfg.min_slices)
+  elif cfg.dataset == "brats":
+    settings["split_seed"] = int(cfg.split_seed)  # draws the folds
+  return settings
+
+
+def scan(cfg) -> list[dict]:
+  """Every subject a scan of `cfg.root` finds, all modalities, sorted by id.
+
+  Raises:
+    DataError: the scan finds no subject.
+  """
+  if cfg.dataset == "ukb":
+    records = ukb_scan(cfg.root, cfg.min_slices)
+  elif cfg.dataset == "brats":
+    records = brats_scan(cfg.root, seed=cfg.split_seed)
+  elif cfg.dataset == "atlas":
+    records = atlas_scan(cfg.root)
+  else:
+    raise ValueError(f"data.dataset={cfg.dataset!r}; expected one of {tuple(MODALITIES)}")
+  if not records:
+    raise DataError(f"{cfg.root}: no {cfg.dataset} subjects found (data.root; "
+                    "docs/data.md has the layouts)")
+  return sorted(records, key=lambda r: r["id"])
+
+
+# A run without a datalist scans its data once and keeps the result here.
+RUN_DATALIST = "datalist.json"
+# How long the other processes wait for process 0's scan.
+SCAN_TIMEOUT_S = 4 * 3600
+
+
+def run_datalist(cfg, workdir: str) -> str:
+  """The datalist json of a run that has none: one directory scan per run.
+
+  Process 0 scans `cfg.root` and writes every subject found, with absolute
+  paths, ids and (BraTS) folds, to WORKDIR/datalist.json (atomically), so
+  `load_datalist` reads from it exactly the records a scan gives. The other
+  processes wait for it and read it; none of them scans. A later start of
+  the same run (a resume, a requeue) reads the file again instead of
+  scanning, so it resumes over the same records; a changed `scan_settings`
+  scans again. Delete the file to pick up new subjects.
+
+  Args:
+    cfg: the `config.data` block (`datalist` unset).
+    workdir: the run's workdir (shared by all processes).
+
+  Returns:
+    The path to set as `cfg.datalist`.
+
+  Raises:
+    DataError: the scan failed or found nothing (on every process).
+  """
+  import jax  # Only here: process topology and the wait for process 0.
+  path = os.path.join(os.path.abspath(workdir), RUN_DATALIST)
+  error = None
+  if jax.process_index() == 0:
+    try:
+      _scan_once(cfg, path)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      error = e  # Raised below, once the others know.
+  if jax.process_count() > 1:
+    # The scan may take minutes: the others wait at the distributed client's
+    # barrier, which has a timeout, not in a device collective.
+    from jax.experimental import multihost_utils
+    from orbax.checkpoint import multihost
+    multihost.get_barrier_sync_fn()(key=f"bsf_jax_run_datalist:{path}",
+                                    timeout_ms=SCAN_TIMEOUT_S * 1000)
+    ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if not ok and error is None:
+      error = DataError(f"{path}: process 0 could not scan {cfg.root} (its log "
+                        "says why)")
+  if error is not None:
+    raise error
+  return path
+
+
+def _scan_once(cfg, path: str) -> None:
+  """Process 0: keeps `path` if it holds the same scan, else scans into it."""
+  import logging
+  from bsf_jax.data import atomic_io
+  settings = scan_settings(cfg)
+  if os.path.isfile(path):
+    previous = read_json(path).get("scan")
+    if previous == settings:
+      logging.info("Datalist %s: this run's scan of %s, reused (delete it to "
+                   "scan again)", path, settings["root"])
+      return
+    logging.warning("Datalist %s was scanned with %s; scanning again with %s",
+                    path, previous, settings)
+  records = scan(cfg)
+  training = [{**r, "image": [os.path.abspath(p) for p in r["image"]],
+               "label": os.path.abspath(r["label"]) if r["label"] else ""}
+              for r in records]
+  atomic_io.write_text(path, json.dumps({"scan": settings, "training": training},
+                                        indent=1))
+  logging.info("Datalist %s: %d subjects scanned in %s", path, len(training),
+               settings["root"])
 
 
 def split(records, val_fraction: float, seed: int):

@@ -2,15 +2,17 @@
 
 Train (infinite, resumable):
   records -> MapDataset.seed(seed) -> shard [process_index::process_count]
-  -> shuffle -> repeat -> random_map(load + crops + augment) -> iter
+  -> shuffle -> repeat -> random_map(load + crops [+ augment]) -> iter
   -> filter(skipped) -> batch(volumes, drop_remainder) -> mp_prefetch(workers)
 Each element is one volume turned into `num_samples` crops; a batch of
 `batch_size / num_samples / process_count` volumes is one process-local batch
-of crops. Random crops/augmentations get Grain's per-element rng (derived
-from the seed and the element index), so a run is reproducible and
-`get_state()/set_state()` resumes at exactly the same element. Memory is
-bounded by (workers x prefetch) batches plus one volume per worker/thread,
-never by the dataset size.
+of crops. Segmentation crops are augmented here only under
+`data.augment_on="host"`; by default the training step augments them on the
+device (`bsf_jax.step.augment.seg_augment`). Random crops/augmentations get
+Grain's per-element rng (derived from the seed and the element index), so a
+run is reproducible and `get_state()/set_state()` resumes at exactly the same
+element. Memory is bounded by (workers x prefetch) batches plus one volume per
+worker/thread, never by the dataset size.
 
 Eval (finite, deterministic): no shuffle, no augmentation; the record list
 is padded with masked copies so every process yields the same number of full
@@ -33,6 +35,7 @@ from bsf_jax.data import io
 from bsf_jax.data import labels as L
 from bsf_jax.data import store as store_lib
 from bsf_jax.data import transforms as T
+from bsf_jax.data import workers
 
 # Records skipped under on_error="skip", per process (each Grain worker
 # process keeps its own count; `bsf_jax.data.check` gives the full list).
@@ -93,9 +96,25 @@ def default_config() -> ml_collections.ConfigDict:
   c.label_format = "none"
   # Seg-training augmentation: flips p 0.5/axis, scale 0.1, shift 0.1 (reference).
   c.augment = True
+  # Where it runs: "device" (in the jitted step, keyed per crop; the host only
+  # reads crops) or "host" (in the data workers, as the reference does) (ours).
+  c.augment_on = "device"
   # Seed of the fixed crops of the SSL eval pipeline.
   c.eval_seed = 0
   return c
+
+
+AUGMENT_ON = ("device", "host")
+
+
+def seg_augmentation(cfg) -> str:
+  """Where segmentation training crops are augmented: "device", "host", or
+  "" when `data.augment` is off. `bsf_jax.step.augment.seg_augment` is the
+  device version, `make_crops` the host one; both draw the same distribution.
+  """
+  if cfg.augment_on not in AUGMENT_ON:
+    raise ValueError(f"data.augment_on={cfg.augment_on!r}; expected one of {AUGMENT_ON}")
+  return cfg.augment_on if cfg.augment else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +124,7 @@ class _Spec:
   num_samples: int
   intensity: T.Intensity
   labels: Optional[L.Convention]
-  augment: bool
+  augment: bool  # seg crops are augmented on the host
   on_error: str
   cache_dir: str
 
@@ -121,7 +140,7 @@ class _Spec:
                        f"{list(L.CONVENTIONS)} (dataset={cfg.dataset})")
     return cls(tuple(int(r) for r in cfg.roi), int(cfg.num_samples),
                T.Intensity(cfg.intensity, float(cfg.a_min), float(cfg.a_max)),
-               conv, bool(cfg.augment),
+               conv, seg_augmentation(cfg) == "host",
                cfg.on_error, cfg.cache_dir)
 
   @property
@@ -339,7 +358,8 @@ def _mp_prefetch(ds, cfg):
   # benchmarks) nothing parsed them, so accept their defaults.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  return ds.mp_prefetch(grain.MultiprocessingOptions(
+  # A dead worker raises instead of hanging the run (workers.py says why).
+  return workers.WatchedDataset(ds, grain.MultiprocessingOptions(
       num_workers=cfg.workers, per_worker_buffer_size=cfg.prefetch))
 
 
@@ -445,8 +465,9 @@ def make_eval_iter(cfg, *, task: str, process_index=None, process_count=None,
     batch_size: global crops per eval batch (ssl; default cfg.batch_size).
 
   Returns:
-    An iterable Grain `IterDataset` (each `iter()` starts over); every process
-    yields the same number of items.
+    An iterable (each `iter()` starts over; a Grain `IterDataset`, or with
+    workers a `workers.WatchedDataset`); every process yields the same number
+    of items.
   """
   spec = _Spec.from_config(cfg, task)
   pi, pc = _process(process_index, process_count)

@@ -256,6 +256,7 @@ def validate(config: ml_collections.ConfigDict,
   Raises:
     ValueError: listing every problem found.
   """
+  from bsf_jax.data import pipeline
   from bsf_jax.models import variants
   problems = []
   roi = tuple(config.data.roi)
@@ -286,6 +287,10 @@ def validate(config: ml_collections.ConfigDict,
         f"config.data.roi={roi}: the SSL head reads bottleneck tokens 0 and 1, "
         f"so the roi needs >= 2 bottleneck tokens (one dim >= {2 * multiple})")
   problems.extend(_model_choice_problems(config.model))
+  try:
+    pipeline.seg_augmentation(config.data)
+  except ValueError as e:
+    problems.append(f"config.{e}")
   seg = config.get("seg")
   if (inference_devices and config.trainer == "finetune" and seg is not None
       and seg.sw_batch_size % inference_devices):

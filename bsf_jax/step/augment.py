@@ -1,4 +1,5 @@
-"""On-device SSL augmentation: random 90-degree rotations and box inpainting.
+"""On-device augmentation: SSL rotations and box inpainting; fine-tuning flips
+and intensity scale/shift.
 
 Jittable, keyed and vectorised re-implementations of the reference
 `rot_rand` / `patch_rand_drop` / `aug_rand` (BrainSegFounder
@@ -26,6 +27,14 @@ exactly: it is the box maximum or minimum with probability 1/n each, otherwise
 a normal truncated to [min, max]. Only the joint law of two elements of one box
 differs (never observable per voxel). Boxes with n = 1 element (C = 1, 1-voxel
 box) give 0/0 = NaN in the reference; we treat them as n = 2 (value 0 or 1).
+
+Fine-tuning (`seg_augment`): per sample, a flip of each spatial axis with
+probability 0.5 and x * (1 + U(-0.1, 0.1)) + U(-0.1, 0.1), one draw per sample
+for all channels: the BrainSegFounder BraTS recipe, MONAI `RandFlipd(prob=0.5,
+spatial_axis=a)` for a = 0, 1, 2, `RandScaleIntensityd(factors=0.1, prob=1)`
+and `RandShiftIntensityd(offsets=0.1, prob=1)` (monai/transforms/intensity/
+array.py), as `bsf_jax.data.transforms.rand_flip` and `rand_scale_shift` do
+on the host.
 
 Documented deviation in `aug_rand`: the reference swaps sequentially in place,
 so sample i copies from x_aug[j], which is already augmented when j < i and
@@ -507,3 +516,59 @@ def make_views(key: Array, x: Array, *, group_size: int | None = None,
   views, labels, rotated = jax.vmap(one_view)(jax.random.split(key, 2))
   return (views[0], views[1], labels.reshape(-1),
           rotated.reshape((-1,) + x.shape[1:]))
+
+
+class SegDraw(NamedTuple):
+  """One sample's fine-tuning augmentation.
+
+  Attributes:
+    flip: [3] bool, flip spatial axis a (H, W, D) of the sample.
+    scale: float32 scalar, the intensity factor 1 + U(-factor, factor).
+    shift: float32 scalar, the intensity offset U(-offset, offset).
+  """
+  flip: Array
+  scale: Array
+  shift: Array
+
+
+def draw_seg(key: Array, *, flip_prob: float = 0.5, factor: float = 0.1,
+             offset: float = 0.1) -> SegDraw:
+  """Draws one sample's flips, scale and shift from its own key."""
+  k_flip, k_scale, k_shift = jax.random.split(key, 3)
+  flip = jax.random.uniform(k_flip, (3,), jnp.float32) < flip_prob
+  scale = 1.0 + jax.random.uniform(k_scale, (), jnp.float32, -factor, factor)
+  shift = jax.random.uniform(k_shift, (), jnp.float32, -offset, offset)
+  return SegDraw(flip, scale, shift)
+
+
+def apply_seg(draw: SegDraw, image: Array,
+              label: Array | None = None) -> tuple[Array, Array | None]:
+  """Flips image [H, W, D, C] (and label [H, W, D, K]), then scales and
+  shifts the image's intensities: (flip(x)) * scale + shift."""
+  for axis in range(3):
+    image = jnp.where(draw.flip[axis], jnp.flip(image, axis), image)
+    if label is not None:
+      label = jnp.where(draw.flip[axis], jnp.flip(label, axis), label)
+  image = image * draw.scale.astype(image.dtype) + draw.shift.astype(image.dtype)
+  return image, label
+
+
+def seg_augment(keys: Array, image: Array, label: Array | None = None,
+                **draw_kw) -> tuple[Array, Array | None]:
+  """Fine-tuning augmentation of a batch, sample i drawn from keys[i].
+
+  Args:
+    keys: [B] PRNG keys, one per sample (`sharding.row_keys` keys them by
+      the sample's index in the global batch).
+    image: [B, H, W, D, C] crops.
+    label: [B, H, W, D, K] label channels flipped with their image, or None.
+    **draw_kw: flip_prob, factor, offset (`draw_seg`).
+
+  Returns:
+    (image, label) of the input shapes and dtypes.
+  """
+  _check_batch("seg_augment", image)
+  draws = jax.vmap(lambda k: draw_seg(k, **draw_kw))(keys)
+  if label is None:
+    return jax.vmap(lambda d, x: apply_seg(d, x)[0])(draws, image), None
+  return jax.vmap(apply_seg)(draws, image, label)

@@ -28,6 +28,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -95,6 +96,17 @@ def shard_index() -> jax.Array:
   per-device batch (the order of `data_sharding`).
   """
   return jax.lax.axis_index(DATA_AXES)
+
+
+def row_keys(key: jax.Array, rows: int) -> jax.Array:
+  """Inside `jax.shard_map`: one key per row of this device's `rows` rows.
+
+  Row r of the global batch gets `fold_in(key, r)`, so what a row draws
+  depends on its place in the global batch, never on how many devices
+  share the batch.
+  """
+  first = shard_index() * rows
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, first + jnp.arange(rows))
 
 
 def shard_count() -> int:

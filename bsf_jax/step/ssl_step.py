@@ -80,8 +80,7 @@ def _views(cfg: ml_collections.ConfigDict, key: jax.Array, x: jax.Array,
         f"config.ssl.swap_group_size={cfg.swap_group_size} must divide the "
         f"per-device batch {b} (global batch / devices)")
   n = b // group
-  first = sharding.shard_index() * n
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first + jnp.arange(n))
+  keys = sharding.row_keys(key, n)  # one per group of the global batch
   kw = dict(max_drop=cfg.max_drop, max_block_sz=cfg.max_block_sz,
             tolr=cfg.tolr)
   xs = x.reshape((n, group) + x.shape[1:])

@@ -29,7 +29,7 @@ from bsf_jax.run import preflight
 from bsf_jax.step import sharding, train_state
 from bsf_jax.weights import transfer
 from bsf_jax.run import workdir_lock
-from bsf_jax.data import pipeline
+from bsf_jax.data import datalists, pipeline
 
 
 class NonFiniteError(RuntimeError):
@@ -140,6 +140,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, job: Job,
   for line in preflight_report:
     logging.info("%s", line)
 
+  if not config.data.datalist and not config.data.get("store"):
+    # One directory scan per run: process 0 writes it to the workdir, every
+    # process (and every evaluation) reads it from there.
+    config.data.datalist = datalists.run_datalist(config.data, workdir)
   train_iter = pipeline.make_train_iter(
       config.data, task=job.task, seed=config.seed)
 
