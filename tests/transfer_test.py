@@ -181,3 +181,45 @@ def test_auto_patch_merging_needs_a_bare_state_dict_stated(tmp_path):
     transfer.resolve_patch_merging(c)
   c.model.patch_merging = "duplicated_neighbours"
   assert "as configured" in transfer.resolve_patch_merging(c)
+
+
+def test_init_from_restores_straight_into_the_fsdp_shardings(tmp_path, monkeypatch):
+  # 8 fake CPU devices (conftest): the target params are FSDP-sharded 8 ways.
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import checkpointing  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == 8
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("fsdp",))
+  rng = np.random.default_rng(0)
+  source = {"swinViT": {"w": rng.normal(size=(64, 8)).astype(np.float32),
+                        "b": rng.normal(size=(8,)).astype(np.float32)},
+            "rotation_head": {"kernel": rng.normal(size=(8, 4)).astype(np.float32)}}
+  manager = checkpointing.make_manager(str(tmp_path), keep_last=1)
+  checkpointing.save(manager, 1, {"params": source, "opt": {"mu": source}, "step": np.int32(1)},
+                     None, {"contract": {"modalities": ["t1"], "model": {"name": "ssl_head"}}})
+  manager.wait_until_finished()
+  manager.close()
+  fsdp, repl = NamedSharding(mesh, P("fsdp", None)), NamedSharding(mesh, P())
+  target = {"swinViT": {"w": jax.device_put(np.zeros((64, 8), np.float32), fsdp),
+                        "b": jax.device_put(np.zeros(8, np.float32), repl)},
+            "out": {"kernel": jax.device_put(np.ones((8, 2), np.float32), repl)}}
+
+  def no_host_copy(state_dir):
+    raise AssertionError(f"the whole state of {state_dir} was restored on the host")
+  monkeypatch.setattr(checkpointing, "_host_params", no_host_copy)
+  read, _, _ = transfer.load_source(str(tmp_path), "latest", target=target)
+  # What the target lacks is not read at all.
+  assert isinstance(read["rotation_head"]["kernel"], jax.ShapeDtypeStruct)
+  config = ml_collections.ConfigDict(dict(
+      init_from=str(tmp_path), init_from_step="latest", init_adapt_channels=False,
+      seed=0, data=dict(modalities=("t1",))))
+  out = transfer.load_into(config, None, target)
+  w = out["swinViT"]["w"]
+  assert w.sharding == fsdp
+  assert {s.data.shape for s in w.addressable_shards} == {(8, 8)}
+  np.testing.assert_array_equal(np.asarray(w), source["swinViT"]["w"])
+  assert out["swinViT"]["b"].sharding == repl
+  np.testing.assert_array_equal(np.asarray(out["swinViT"]["b"]), source["swinViT"]["b"])
+  # A param the source lacks keeps its initial value and sharding.
+  assert out["out"]["kernel"] is target["out"]["kernel"]

@@ -34,13 +34,14 @@ import json
 import logging
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -447,8 +448,10 @@ def run_meta(path: str) -> dict[str, Any]:
 
 def restore_params(path: str, which: str | int | None = "latest",
                    metric: str | None = None,
-                   mode: str | None = None) -> tuple[Any, dict[str, Any], int]:
-  """Loads only the params of a workdir's checkpoint, on the host.
+                   mode: str | None = None,
+                   placement: Callable[[str, Any], Any] | None = None
+                   ) -> tuple[Any, dict[str, Any], int]:
+  """Loads only the params of a workdir's checkpoint, on the host or placed.
 
   Used by stage transfer, export and prediction, which need weights but not
   the optimizer state or the mesh of the run that wrote them.
@@ -457,9 +460,13 @@ def restore_params(path: str, which: str | int | None = "latest",
     path: a workdir, its `checkpoints` dir, or one step dir inside it.
     which: "latest", "best" or a step (ignored when `path` is a step dir).
     metric, mode: how "best" is ranked (default: the run's own, `kinds.RunKind`).
+    placement: None (every param on the host), or `(name, metadata) ->
+      sharding`, per "/"-joined param name: a `jax.sharding.Sharding` restores
+      that param straight into it (each host reads only its shards), None
+      leaves it unread, as a `jax.ShapeDtypeStruct`.
 
   Returns:
-    (params as numpy arrays, meta, step).
+    (params as numpy arrays, or as `placement` says; meta, step).
   """
   if which == "best" and metric is None:
     metric, mode = best_metric_of(run_meta(path))
@@ -467,7 +474,9 @@ def restore_params(path: str, which: str | int | None = "latest",
   step = resolve_step(manager, which, metric, mode)
   try:
     meta = read_meta(manager, step)
-    params = _host_params(os.path.join(path, str(step), "state"))
+    state_dir = os.path.join(path, str(step), "state")
+    params = (_host_params(state_dir) if placement is None
+              else _placed_params(state_dir, placement))
   except Exception as e:  # pylint: disable=broad-exception-caught
     # As in `restore`: corrupt files raise anything from KeyError to bare
     # Exception. One line, and the way out: another kept step.
@@ -491,6 +500,33 @@ def _host_params(state_dir: str) -> Any:
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(state_dir, abstract)
   return jax.device_get(restored["params"])
+
+
+def _placed_params(state_dir: str, placement: Callable[[str, Any], Any]) -> Any:
+  """The params of a saved state, each restored into the sharding `placement` gives it."""
+  tree = ocp.StandardCheckpointer().metadata(state_dir)
+  tree = getattr(tree, "item_metadata", tree)
+  flat = traverse_util.flatten_dict(dict(tree["params"]), sep="/")
+  wanted, unread = {}, {}
+  for name, m in flat.items():
+    target = placement(name, m)
+    if target is None:
+      unread[name] = jax.ShapeDtypeStruct(m.shape, m.dtype)
+    else:
+      wanted[name] = jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=target)
+  restored = {}
+  if wanted:
+    # Only the wanted params are read (partial restore): no optimizer state,
+    # and no array is assembled on one host unless its sharding says so.
+    item = {"params": traverse_util.unflatten_dict(wanted, sep="/")}
+    restore_args = jax.tree.map(
+        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
+                                       dtype=s.dtype), item)
+    with ocp.PyTreeCheckpointer() as ckptr:
+      out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
+    restored = traverse_util.flatten_dict(dict(out["params"]), sep="/")
+  return traverse_util.unflatten_dict({**unread, **restored}, sep="/")
 
 
 def check_contract(saved: dict[str, Any], current: dict[str, Any],

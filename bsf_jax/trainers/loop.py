@@ -134,7 +134,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, job: Job,
   # cannot fit stops here (preflight.py). The run executes this program.
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  train_step, abstract, state_sharding, optimizer = preflight.compile_step(
+  train_step, abstract, _, optimizer = preflight.compile_step(
       config, job.model, job.loss_fn, job.task, mesh, step_rng)
   preflight_report = preflight.check(train_step, mesh.devices.flat[0], config)
   for line in preflight_report:
@@ -157,8 +157,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, job: Job,
   step0 = checkpointing.newest_step_checked(manager, contract)
 
   state = _restore_or_init(config, job, mesh, manager, step0, abstract,
-                           state_sharding, optimizer, train_iter, contract,
-                           init_rng)
+                           optimizer, train_iter, contract, init_rng)
 
   if config.dry_run:
     preflight.print_dry_run(config, mesh, state, preflight_report,
@@ -168,8 +167,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, job: Job,
                 step_rng, manager, meta)
 
 
-def _restore_or_init(config, job, mesh, manager, step0, abstract, state_sharding,
-                     optimizer, train_iter, contract, init_rng):
+def _restore_or_init(config, job, mesh, manager, step0, abstract, optimizer,
+                     train_iter, contract, init_rng):
   """The run's state: resumed from the workdir, else fresh (maybe `init_from`)."""
   # Resume into the abstract state (no init is materialised), else a fresh
   # sharded state on device, maybe from a previous stage.
@@ -184,10 +183,9 @@ def _restore_or_init(config, job, mesh, manager, step0, abstract, state_sharding
       job.model, optimizer, init_rng, sample_shape, mesh,
       fsdp=config.mesh.fsdp != 1)
   if config.init_from:
-    params = transfer.load_into(
-        config, job.model, jax.device_get(state.params))
+    # Straight into the state's shardings: no host holds the whole tree.
     state = state.replace(
-        params=jax.device_put(params, state_sharding.params))
+        params=transfer.load_into(config, job.model, state.params))
   return state
 
 

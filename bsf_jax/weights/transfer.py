@@ -30,6 +30,7 @@ import logging
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
@@ -67,14 +68,23 @@ def _which_step(init_from_step: str | int) -> str | int:
   return init_from_step
 
 
-def load_source(path: str, init_from_step: str | int = "best"
+def load_source(path: str, init_from_step: str | int = "best", target: Any = None,
+                adapt_channels: bool = False
                 ) -> tuple[dict[str, Any], tuple[str, ...] | None, str]:
-  """A previous stage's params (numpy tree), its modalities and where they came from.
+  """A previous stage's params, its modalities and where they came from.
 
   Args:
     path: `config.init_from`: a workdir, a checkpoint step, or a weight file.
     init_from_step: for a workdir, "best" (by the source run's own
       validation metric), "latest", or a step number.
+    target: None (the source's params as numpy arrays), or the params they
+      go into as sharded `jax.Array`s: a workdir's params are then restored
+      straight into the shardings of the target's params of the same name
+      and shape (`checkpointing.restore_params(placement=...)`); params the
+      target lacks are not read, nor (without `adapt_channels`) those of
+      another shape.
+    adapt_channels: with `target`, read params whose shape differs on the host
+      (`_adapt` maps their modality channels).
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.init_from={path!r} does not exist")
@@ -83,7 +93,19 @@ def load_source(path: str, init_from_step: str | int = "best"
     return load_torch_params(torch_file), None, torch_file.describe()
   from bsf_jax.run import checkpointing  # pylint: disable=g-import-not-at-top
   which = _which_step(init_from_step)
-  params, meta, step = checkpointing.restore_params(path, which)
+  placement = None
+  if target is not None:
+    wanted = traverse_util.flatten_dict(target, sep="/")
+
+    def placement(name, metadata):
+      if name not in wanted:
+        return None
+      if tuple(metadata.shape) == tuple(wanted[name].shape):
+        return wanted[name].sharding
+      # Another shape: only `_adapt` reads it (a modality-channel axis: small).
+      return (jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+              if adapt_channels else None)
+  params, meta, step = checkpointing.restore_params(path, which, placement=placement)
   modalities = meta.get("contract", {}).get("modalities")
   metric = checkpointing.best_metric_of(meta)[0]
   how = {"best": f"best by {metric}", "latest": "latest"}.get(which, "as asked")
@@ -208,14 +230,15 @@ def transfer_params(source: dict[str, Any], target: dict[str, Any], *,
     if name not in src:
       out[name] = value
       continue
-    s = np.asarray(src[name])
-    if s.shape == tuple(value.shape):
-      out[name] = s.astype(value.dtype)
+    s = src[name]
+    if tuple(s.shape) == tuple(value.shape):
+      out[name] = _placed_like(s, value)
       loaded.append(name)
     elif adapt_channels and src_modalities is not None:
       try:
-        out[name], how = _adapt(name, s, np.asarray(value), src_modalities,
-                                tgt_modalities, rng)
+        adapted_value, how = _adapt(name, np.asarray(s), np.asarray(value), src_modalities,
+                                    tgt_modalities, rng)
+        out[name] = _placed_like(adapted_value, value)
         adapted.append(f"{name}: {how}")
       except TransferError as e:
         errors.append(str(e))
@@ -246,6 +269,16 @@ def transfer_params(source: dict[str, Any], target: dict[str, Any], *,
   return traverse_util.unflatten_dict(out, sep="/"), report
 
 
+def _placed_like(source: Any, value: Any) -> Any:
+  """`source` with `value`'s dtype, placed as `value` is (host, or its sharding)."""
+  if isinstance(value, jax.Array):
+    if not isinstance(source, jax.Array) or source.sharding != value.sharding:
+      source = jax.device_put(np.asarray(source) if not isinstance(source, jax.Array)
+                              else source, value.sharding)
+    return source.astype(value.dtype)
+  return np.asarray(source).astype(value.dtype)
+
+
 def _summarise(names: list[str]) -> list[str]:
   """Groups params by their top-level module to keep the report short."""
   groups: dict[str, int] = {}
@@ -256,9 +289,17 @@ def _summarise(names: list[str]) -> list[str]:
 
 def load_into(config: ml_collections.ConfigDict, model: Any,
               params: dict[str, Any]) -> dict[str, Any]:
-  """Loads `config.init_from` into freshly initialised `params`."""
+  """Loads `config.init_from` into freshly initialised `params`.
+
+  `params` are host arrays, or the run's sharded `jax.Array`s: then every
+  param comes back sharded as its initial value was, a workdir source is
+  restored straight into those shardings, and no host holds the whole tree.
+  """
   del model  # Structure comes from `params`.
-  source, src_mods, origin = load_source(config.init_from, config.init_from_step)
+  sharded = any(isinstance(v, jax.Array) for v in jax.tree.leaves(params))
+  source, src_mods, origin = load_source(
+      config.init_from, config.init_from_step, target=params if sharded else None,
+      adapt_channels=config.init_adapt_channels)
   if config.get("init_from_modalities"):
     src_mods = tuple(config.init_from_modalities)
   new_params, report = transfer_params(
