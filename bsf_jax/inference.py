@@ -438,17 +438,25 @@ def _flip(volume, flags):
   return volume
 
 
-def window_mesh(sw_batch_size: int, devices=None):
-  """A data-only mesh over the local devices that split each window batch.
+def window_devices(sw_batch_size: int, available: int) -> int:
+  """How many devices split each window batch: the most, up to `available`,
+  whose number divides `sw_batch_size` (every device predicts as many
+  windows per step)."""
+  return max(k for k in range(1, min(available, sw_batch_size) + 1)
+             if sw_batch_size % k == 0)
 
-  The most devices (up to all of this process's) whose number divides
-  `sw_batch_size`, so every device predicts the same number of windows per
-  step; None when that is one device.
+
+def window_mesh(sw_batch_size: int, devices=None):
+  """A data-only mesh over the local accelerators that split each window batch.
+
+  `window_devices` of this process's devices; None for one device, and for
+  CPU devices: they share the host's cores, which XLA:CPU already spreads
+  one device's work over (splitting windows across the fake devices of
+  `--xla_force_host_platform_device_count` only adds overhead).
   """
   devices = list(devices if devices is not None else jax.local_devices())
-  n = max(k for k in range(1, min(len(devices), sw_batch_size) + 1)
-          if sw_batch_size % k == 0)
-  if n == 1:
+  n = window_devices(sw_batch_size, len(devices))
+  if n == 1 or devices[0].platform == "cpu":
     return None
   return jax.sharding.Mesh(np.array(devices[:n]), ("data",))
 

@@ -269,11 +269,13 @@ def load_probabilities(path: str) -> dict:
             "ensemble": json.loads(str(data["ensemble"]))}
 
 
-def _predict(checkpoints: list[str], inputs: str, output: str, which: str,
-             overrides: dict | None = None,
+def _predict(checkpoints: str | list[str], inputs: str, output: str,
+             which: str, overrides: dict | None = None,
              label_format: str | None = None, mirror: str = "",
              save_probabilities: bool = False,
              postprocess: str | None = None) -> None:
+  if isinstance(checkpoints, str):
+    checkpoints = [checkpoints]
   members = ensemble.load(ensemble.resolve_checkpoints(checkpoints), which)
   contract = members[0].contract
   modalities = list(contract["modalities"])
