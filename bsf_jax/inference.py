@@ -23,9 +23,11 @@ Typical use with a Flax model (params are traced arguments, not constants):
       x, (96, 96, 96), model.apply, overlap=0.5, mode="gaussian",
       sw_batch_size=4, predictor_args=({"params": params},))
 
-`make_volume_predictor(model, config)` wraps it as a run's config sets it
-(`config.seg`), the one whole-volume prediction of validation, `predict` and
-`evaluate`.
+`make_ensemble_predictor(models, config, mirror)` wraps it as a run's config
+sets it (`config.seg`) for several models (their params stacked) and test-time
+flips, averaged on the device in one program: what `predict` and `evaluate`
+run (`bsf_jax.ensemble`). `make_volume_predictor(model, config)` is its one
+model, no flips case, fine-tuning's validation.
 """
 
 from __future__ import annotations
