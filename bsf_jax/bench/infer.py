@@ -25,9 +25,11 @@ computed the same thing), and the bsf_jax case's cost in single passes of one
 model (that pass timed just before and after the case).
 
 Both sides share the process: the same allocator, and torch gets as many
-threads as XLA's CPU backend uses (all cores, or --threads). The cases run
-side by side (bsf_jax, then MONAI, case by case), so a change of machine load
-hits both sides of a ratio alike.
+threads as XLA's CPU backend uses (all cores, or --threads). Within a case
+the sides are interleaved (bsf_jax, MONAI, bsf_jax; the means are reported),
+so a machine load that drifts during a case weighs on both alike; one
+model's single pass, the unit of the cost in passes, is timed just before and
+after each case.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--overlap", type=float, default=0.5)
   p.add_argument("--mode", default="gaussian", choices=("constant", "gaussian"))
   p.add_argument("--repeats", type=int, default=1,
-                 help="timed runs per side (the minimum is reported)")
+                 help="MONAI runs per case; bsf_jax runs one more, interleaved "
+                 "(bsf_jax, MONAI, bsf_jax, ...); the means are reported")
   p.add_argument("--threads", type=int, default=0,
                  help="torch intra-op threads (0: all cores, as XLA uses)")
   p.add_argument("--shard", action="store_true",
@@ -72,13 +75,32 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   return p.parse_args(argv[1:])
 
 
-def _timed(fn, repeats: int) -> tuple[float, object]:
-  best, out = float("inf"), None
+def _timed(fn) -> tuple[float, object]:
+  t0 = time.perf_counter()
+  out = fn()
+  return time.perf_counter() - t0, out
+
+
+def _interleaved(ours, reference, repeats: int):
+  """Mean seconds of `ours` and of `reference`, run ours, reference, ours, ...
+
+  Each reference run is bracketed by two of ours, so a machine load that
+  drifts during a long case weighs on both sides alike (the shared CPU
+  machine's load moves within minutes).
+
+  Returns:
+    (our mean, our times, our last output, reference mean, its times, its
+    last output).
+  """
+  ours_t, ref_t = [], []
+  t, out = _timed(ours)
+  ours_t.append(t)
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = fn()
-    best = min(best, time.perf_counter() - t0)
-  return best, out
+    t, ref = _timed(reference)
+    ref_t.append(t)
+    t, out = _timed(ours)
+    ours_t.append(t)
+  return np.mean(ours_t), ours_t, out, np.mean(ref_t), ref_t, ref
 
 
 def main(argv: list[str]) -> int:
@@ -186,28 +208,27 @@ def main(argv: list[str]) -> int:
     run = lambda c=compiled, p=stacked: jax.block_until_ready(c(p, x_dev))
     if i == 0:
       single_run = run
-      jax_s, y_jax = _timed(run, args.repeats)
-      unit_s = jax_s
-    else:
-      # The unit, one model's single pass, timed just before and after the
-      # case: machine load that drifts during a long case hits both.
-      before, _ = _timed(single_run, 1)
-      jax_s, y_jax = _timed(run, args.repeats)
-      after, _ = _timed(single_run, 1)
-      unit_s = (before + after) / 2
+    # The unit, one model's single pass, is timed just before and after the
+    # case, for the same reason.
+    before, _ = _timed(single_run)
+    jax_s, jax_t, y_jax, torch_s, torch_t, y_t = _interleaved(
+        run, lambda n=n, f=flips: monai_loop(torch_models[:n], f), args.repeats)
+    after, _ = _timed(single_run)
+    unit_s = (before + after) / 2
     print(f"[{name}] bsf_jax: compile {compile_s:.1f} s, run {jax_s:.2f} s "
-          f"= {jax_s / unit_s:.1f} single passes (one pass {unit_s:.2f} s "
+          f"(runs {', '.join(f'{t:.2f}' for t in jax_t)}) = "
+          f"{jax_s / unit_s:.1f} single passes (one pass {unit_s:.2f} s "
           "around it)", flush=True)
-    torch_s, y_t = _timed(lambda: monai_loop(torch_models[:n], flips),
-                          args.repeats)
     y_ref = np.moveaxis(y_t.cpu().numpy()[0], 0, -1)
     diff = float(np.abs(np.asarray(y_jax, np.float32) - y_ref).max())
-    print(f"[{name}] monai:   run {torch_s:.2f} s; speed-up (monai time / "
+    print(f"[{name}] monai:   run {torch_s:.2f} s (runs "
+          f"{', '.join(f'{t:.2f}' for t in torch_t)}); speed-up (monai time / "
           f"bsf_jax time) {torch_s / jax_s:.2f}x; max |probability "
           f"difference| {diff:.2e}", flush=True)
     results.append(dict(case=name, models=n, flips=len(flips),
                         passes=n * len(flips), compile_s=compile_s,
                         jax_s=jax_s, monai_s=torch_s, speedup=torch_s / jax_s,
+                        jax_runs_s=jax_t, monai_runs_s=torch_t,
                         max_prob_diff=diff, single_pass_s=unit_s,
                         single_passes=jax_s / unit_s))
   if args.ensemble:
