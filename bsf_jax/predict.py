@@ -1,8 +1,10 @@
-r"""Segment new subjects with a fine-tuned checkpoint and write NIfTI labels.
+r"""Segment new subjects with fine-tuned checkpoints and write NIfTI labels.
 
   python -m bsf_jax.predict --checkpoint runs/s3_f0 --input /data/BraTS2021_00001 --output preds/
   python -m bsf_jax.predict --checkpoint runs/s3_f0 --input flair.nii.gz,t1ce.nii.gz,t1.nii.gz,t2.nii.gz --output preds/
   python -m bsf_jax.predict --checkpoint runs/s3_f0 --input brats21_folds.json --output preds/
+  python -m bsf_jax.predict --checkpoint runs/folds/fold* --mirror --input /data/test --output preds/ \
+      [--save_probabilities] [--postprocess et_to_necrosis_below=500]
 
 The checkpoint carries its input contract (modality names and order,
 orientation, intensity normalisation, roi). Inputs are matched to it by
@@ -11,9 +13,18 @@ explicit file lists must name the files in the contract's order (checked
 against the file names where they carry a modality). Wrong channel order is
 the most common silent failure of the original, so a mismatch is an error.
 
+Several checkpoints (`--checkpoint A B C`, or a folder of runs such as
+`launch/sweep.sh folds` writes) are an ensemble: all must share the input
+contract (a mismatch names the two checkpoints and the field), their sigmoid
+probabilities are averaged on the device, then thresholded. `--mirror` also
+averages over the flips of the spatial axes (`--mirror_axes`, default all
+three: 8 flips), as nnU-Net predicts. Every member and flip runs in one
+jitted program per volume shape (`bsf_jax.weights.ensemble`).
+
 The sigmoid threshold and the sliding-window settings (overlap, windows per
 batch, blending) are the ones the run validated with, recorded in the
-checkpoint; `--threshold`, `--overlap` and `--sw_batch_size` override them.
+checkpoint; `--threshold`, `--overlap`, `--sw_batch_size` and `--sw_mode`
+override them (an ensemble's checkpoints must agree on the others).
 
 Subject folders may use the BraTS 2018-2021 names (`_flair`, `_t1ce`, `_t1`,
 `_t2`) or the 2023+ ones (`-t2f`, `-t1c`, `-t1n`, `-t2w`): both are the same
@@ -23,28 +34,34 @@ Predictions are written in the input's own orientation with its affine and
 header, so they overlay the input in any viewer. Labels are written in the
 training data's convention, recorded in the checkpoint's contract (BraTS
 2018-2021: ET 4; 2023+: ET 3), or in `--labels`; the convention used is
-printed. ATLAS outputs are binary masks.
+printed. ATLAS outputs are binary masks. `--save_probabilities` also writes
+the averaged probabilities (`<subject>_prob.npz`, float16, same orientation
+and affine; `load_probabilities` reads them back); `--postprocess` applies
+named post-processing to the labels (`bsf_jax.infer.postprocess`).
 """
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
+from typing import Any, TypeVar
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags
 
-from bsf_jax.run import checkpointing, config_lib, kinds
 from bsf_jax.data import atomic_io
+from bsf_jax.run import checkpointing
+from bsf_jax.weights import ensemble
 from bsf_jax.infer import inference, metrics
-from bsf_jax.infer import contract as contract_lib
-from bsf_jax import models
+from bsf_jax.infer import postprocess as postprocess_lib
 from bsf_jax.data import io as data_io
 from bsf_jax.data import labels as labels_lib
 from bsf_jax.data import transforms
@@ -141,46 +158,24 @@ def write_like(path: str, data: np.ndarray, reference: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   checkpointing.quiet_tool_logs()
   try:
-    _predict(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.step,
+    # `--checkpoint A B C`: the words after the flag are more checkpoints
+    # (a shell glob such as runs/folds/fold* expands to them).
+    _predict(FLAGS.checkpoint + argv[1:], FLAGS.input, FLAGS.output,
+             FLAGS.step,
              overrides=dict(threshold=FLAGS.threshold,
                             sw_overlap=FLAGS.overlap,
-                            sw_batch_size=FLAGS.sw_batch_size),
-             label_format=FLAGS.labels)
+                            sw_batch_size=FLAGS.sw_batch_size,
+                            sw_mode=FLAGS.sw_mode),
+             label_format=FLAGS.labels,
+             mirror=FLAGS.mirror_axes if FLAGS.mirror else "",
+             save_probabilities=FLAGS.save_probabilities,
+             postprocess=FLAGS.postprocess)
   except (InputError, FileNotFoundError, ValueError,
           atomic_io.OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-
-
-def resolve_inference_settings(meta: dict,
-                               overrides: dict) -> tuple[dict, str]:
-  """The `config.seg` inference fields to predict with, and their source.
-
-  The checkpoint's recorded settings (`contract.inference_settings`), else the
-  defaults for checkpoints written before they were recorded; then any
-  non-None override.
-  """
-  defaults = config_lib.seg_config()
-  settings = {k: defaults[k] for k in contract_lib.INFERENCE_KEYS}
-  recorded = meta.get("inference")
-  if recorded is None:
-    source = "defaults (the checkpoint predates recorded inference settings)"
-  else:
-    settings.update({k: recorded[k] for k in contract_lib.INFERENCE_KEYS
-                     if k in recorded})
-    source = "checkpoint"
-  given = {k: v for k, v in overrides.items() if v is not None}
-  if given:
-    settings.update(given)
-    source += " + flags " + ", ".join(sorted(given))
-  if not 0 <= settings["threshold"] <= 1:
-    raise ValueError(f"threshold must be in [0, 1], got "
-                     f"{settings['threshold']} (from {source})")
-  return settings, source
 
 
 def output_convention(contract: dict, label_format: str | None = None):
@@ -204,33 +199,102 @@ def output_convention(contract: dict, label_format: str | None = None):
   return chosen, f"{chosen.name} (--labels; trained on {trained.name})"
 
 
-def _predict(checkpoint: str, inputs: str, output: str, which: str,
-             overrides: dict | None = None,
-             label_format: str | None = None) -> None:
-  params, meta, step = checkpointing.restore_params(
-      checkpoint, which, metric=kinds.SEG.best_metric, mode=kinds.SEG.best_mode)
-  contract = meta.get("contract")
-  if not contract or "model" not in contract:
-    raise ValueError(f"{checkpoint}: checkpoint has no input contract")
-  if contract["model"]["name"] != "swin_unetr":
-    raise ValueError(f"{checkpoint}: a {contract['model']['name']} checkpoint "
-                     "cannot segment; use a fine-tuning (stage 3) run")
+T = TypeVar("T")
+
+
+def read_ahead(read: Callable[[T], Any], items: Iterable[T]
+               ) -> Iterator[tuple[T, Any]]:
+  """(item, read(item)) in order, the next item read in a thread meanwhile.
+
+  Decompressing and normalising the next subject's NIfTI files overlaps the
+  device's work on the current one; an error is raised for its own item.
+  """
+  with futures.ThreadPoolExecutor(max_workers=1) as pool:
+    pending = collections.deque()
+    for item in items:
+      pending.append((item, pool.submit(read, item)))
+      if len(pending) > 1:
+        first, future = pending.popleft()
+        yield first, future.result()
+    while pending:
+      first, future = pending.popleft()
+      yield first, future.result()
+
+
+def to_float16(probs: np.ndarray, threshold: float) -> np.ndarray:
+  """float16 probabilities on the same side of `threshold` as the float32 ones.
+
+  Rounding to float16 can carry a probability just below the threshold onto
+  it (0.49998 rounds to 0.5); such values are stepped one float16 back, so
+  the saved probabilities threshold to the labels written beside them.
+  """
+  probs = np.asarray(probs, np.float32)
+  half = probs.astype(np.float16)
+  above = metrics.binarize(probs, threshold)
+  crossed = metrics.binarize(half.astype(np.float32), threshold) != above
+  half[crossed] = np.nextafter(
+      half[crossed], np.where(above[crossed], np.float16(np.inf),
+                              np.float16(-np.inf)).astype(np.float16))
+  return half
+
+
+def write_probabilities(path: str, probs: np.ndarray, reference: str,
+                       threshold: float, convention,
+                       description: dict) -> None:
+  """Writes RAS probabilities [H, W, D, K] in `reference`'s orientation.
+
+  An `.npz` (NIfTI has no float16 type) holding `probabilities` (float16,
+  the reference's storage orientation, regions last), `affine` (the
+  reference's), `regions`, `threshold`, `labels` (the convention, JSON) and
+  `ensemble` (what was averaged, JSON).
+  """
+  import nibabel as nib
+  ref = nib.load(reference)
+  with atomic_io.open_atomic(path, "wb") as f:
+    np.savez_compressed(
+        f, probabilities=to_float16(from_ras(probs, ref.affine), threshold),
+        affine=np.asarray(ref.affine, np.float64),
+        regions=np.asarray(list(convention.regions)),
+        threshold=np.float64(threshold),
+        labels=json.dumps(convention.to_contract()),
+        ensemble=json.dumps(description))
+
+
+def load_probabilities(path: str) -> dict:
+  """What `write_probabilities` wrote: float32 probabilities, affine, threshold,
+  regions and the label convention (`labels.Convention`)."""
+  with np.load(path) as data:
+    return {"probabilities": data["probabilities"].astype(np.float32),
+            "affine": data["affine"], "threshold": float(data["threshold"]),
+            "regions": [str(r) for r in data["regions"]],
+            "convention": labels_lib.Convention.from_contract(
+                json.loads(str(data["labels"]))),
+            "ensemble": json.loads(str(data["ensemble"]))}
+
+
+def _predict(checkpoints: str | list[str], inputs: str, output: str,
+             which: str, overrides: dict | None = None,
+             label_format: str | None = None, mirror: str = "",
+             save_probabilities: bool = False,
+             postprocess: str | None = None) -> None:
+  if isinstance(checkpoints, str):
+    checkpoints = [checkpoints]
+  members = ensemble.load(ensemble.resolve_checkpoints(checkpoints), which)
+  contract = members[0].contract
   modalities = list(contract["modalities"])
   convention, convention_source = output_convention(contract, label_format)
-  config = _config_from_contract(contract)
-  settings, settings_source = resolve_inference_settings(meta,
-                                                         overrides or {})
+  steps = postprocess_lib.parse(postprocess, convention.regions)
+  settings, settings_source = ensemble.inference_settings(members,
+                                                          overrides or {})
+  config = ensemble.config_for(contract)
   config.seg.update(settings)
-  model = models.from_config(config)
-  predict = inference.make_volume_predictor(model, config)
   intensity = transforms.Intensity(**{
       k: contract["intensity"][k] for k in ("kind", "a_min", "a_max")
       if k in contract["intensity"]})
   subjects = resolve_inputs(inputs, modalities)
-  out_paths = [os.path.join(output, f"{_output_name(files[0])}_pred.nii.gz")
-               for files in subjects]
   first_input: dict[str, str] = {}
-  for files, out_path in zip(subjects, out_paths):
+  for files in subjects:
+    out_path = _output_path(output, files, "_pred.nii.gz")
     if out_path in first_input:
       # Checked before anything is written: one subject must never silently
       # overwrite another's prediction.
@@ -238,29 +302,47 @@ def _predict(checkpoint: str, inputs: str, output: str, which: str,
           f"{files[0]} and {first_input[out_path]} would both be written to "
           f"{out_path}; predict them into separate --output folders")
     first_input[out_path] = files[0]
+  mesh = inference.window_mesh(config.seg.sw_batch_size)
+  model = ensemble.Ensemble(members, config, mirror=mirror, mesh=mesh)
   os.makedirs(output, exist_ok=True)
-  print(f"checkpoint {checkpoint} step {step}: modalities {modalities}, "
-        f"{len(subjects)} subject(s)")
+  for m in members:
+    print(f"checkpoint {m.checkpoint} step {m.step}")
+  print(f"modalities {modalities}, {len(subjects)} subject(s); ensemble: "
+        f"{model.summary()}" + (f", windows split over {mesh.size} devices"
+                                 if mesh is not None else ""))
   print("inference: " + ", ".join(f"{k}={v}" for k, v in settings.items())
         + f" ({settings_source})")
   print(f"labels: {_describe(convention)}, convention {convention_source}")
+  if steps:
+    print("post-processing: " + ", ".join(f"{k}={v}" for k, v in steps))
   named_2023 = [f[0] for f in subjects if re.search(r"-(t2f|t1c|t1n|t2w)\.nii", f[0])]
   if named_2023 and convention.name == "brats2021" and not label_format:
     print(f"note: {len(named_2023)} subject(s) have BraTS 2023+ file names "
           f"(e.g. {named_2023[0]}) but labels are written in the brats2021 "
           "convention (ET = 4); --labels brats2023 writes ET = 3")
-  start = time.time()
-  for i, (files, out_path) in enumerate(zip(subjects, out_paths), 1):
+
+  def read(files):
     volumes = [data_io.read_volume(f) for f in files]
     shapes = {v.data.shape for v in volumes}
     if len(shapes) != 1:
       raise InputError(f"{files}: modalities have different shapes {shapes}")
     image = np.stack([v.data for v in volumes], axis=-1)
-    image = intensity.apply(image, intensity.fit(image))
-    probs = np.asarray(predict(params, jnp.asarray(image)))
-    labels = metrics.channels_to_labels(probs, convention,
-                                        threshold=config.seg.threshold)
-    write_like(out_path, np.asarray(labels), files[0])
+    return intensity.apply(image, intensity.fit(image))
+
+  start = time.time()
+  results = model.stream(read_ahead(read, subjects),
+                         lambda item: jnp.asarray(item[1]))
+  for i, ((files, _), probs) in enumerate(results, 1):
+    out_path = _output_path(output, files, "_pred.nii.gz")
+    masks = postprocess_lib.apply(
+        metrics.binarize(probs, config.seg.threshold), steps,
+        convention.regions)
+    write_like(out_path, metrics.channels_to_labels(masks, convention),
+               files[0])
+    if save_probabilities:
+      write_probabilities(_output_path(output, files, "_prob.npz"), probs,
+                          files[0], config.seg.threshold, convention,
+                          model.describe())
     elapsed = time.time() - start
     print(f"[{i}/{len(subjects)}] {out_path}  ({elapsed:.0f}s, "
           f"eta {elapsed / i * (len(subjects) - i):.0f}s)", flush=True)
@@ -270,43 +352,46 @@ def _describe(convention) -> str:
   return ", ".join(f"{v} {name}" for v, name in sorted(convention.values.items()))
 
 
-def _output_name(first_file: str) -> str:
-  """Subject name of an output: the first modality's file name, suffix dropped."""
-  return re.sub(r"([_-][a-z0-9]+)?\.nii(\.gz)?$", "", os.path.basename(first_file))
-
-
-def _config_from_contract(contract: dict) -> ml_collections.ConfigDict:
-  """The few config fields inference needs, rebuilt from the contract."""
-  from bsf_jax.run import config_lib
-  m = contract["model"]
-  config = ml_collections.ConfigDict()
-  config.model = config_lib.model_config("swin_unetr")
-  config.model.update(depths=tuple(m["depths"]), num_heads=tuple(m["num_heads"]),
-                      feature_size=m["feature_size"],
-                      out_channels=m["out_channels"],
-                      patch_merging=m.get("patch_merging", "all_neighbours"))
-  config.data = ml_collections.ConfigDict(dict(
-      modalities=tuple(contract["modalities"]), roi=tuple(contract["roi"])))
-  config.seg = config_lib.seg_config()
-  return config
+def _output_path(output: str, files: list[str], suffix: str) -> str:
+  """A subject's output file: the first modality's file name, its modality
+  suffix replaced by `suffix`."""
+  name = re.sub(r"([_-][a-z0-9]+)?\.nii(\.gz)?$", "", os.path.basename(files[0]))
+  return os.path.join(output, name + suffix)
 
 
 FLAGS = flags.FLAGS
 
 if __name__ == "__main__":
-  flags.DEFINE_string("checkpoint", None, "Fine-tuning workdir or step dir.")
+  flags.DEFINE_multi_string(
+      "checkpoint", None, "Fine-tuning workdir, step dir, or a folder of runs "
+      "(all of its sub-folders with checkpoints); several (--checkpoint A B "
+      "or repeated) predict as an ensemble.")
   flags.DEFINE_string("input", None, "Subject dir, folder of subject dirs, "
                       "comma-separated files, or a datalist json.")
   flags.DEFINE_string("output", None, "Output folder.")
-  flags.DEFINE_string("step", "best", "best, latest or a step number.")
+  flags.DEFINE_string("step", "best", "best, latest or a step number (for "
+                      "every checkpoint).")
   flags.DEFINE_float("threshold", None, "Sigmoid threshold (default: the "
                      "checkpoint's config.seg.threshold).")
   flags.DEFINE_float("overlap", None, "Sliding-window overlap (default: the "
                      "checkpoint's config.seg.sw_overlap).")
   flags.DEFINE_integer("sw_batch_size", None, "Windows per batch (default: "
                        "the checkpoint's config.seg.sw_batch_size).")
+  flags.DEFINE_enum("sw_mode", None, ["constant", "gaussian"], "Window "
+                    "blending (default: the checkpoint's config.seg.sw_mode).")
   flags.DEFINE_string("labels", None, "Label convention to write, e.g. "
                       "brats2023 (default: the training data's, from the "
                       "checkpoint).")
+  flags.DEFINE_bool("mirror", False, "Also average over the flips of "
+                    "--mirror_axes (test-time mirroring).")
+  flags.DEFINE_string("mirror_axes", inference.AXIS_NAMES, "Axes --mirror "
+                      "flips: letters of xyz (x left-right, y "
+                      "posterior-anterior, z inferior-superior); all three "
+                      "give 8 flips.")
+  flags.DEFINE_bool("save_probabilities", False, "Also write the averaged "
+                    "probabilities, <subject>_prob.npz (float16).")
+  flags.DEFINE_string("postprocess", None, "Named post-processing of the "
+                      "labels, NAME=VALUE[,...], e.g. et_to_necrosis_below=500 "
+                      "(bsf_jax.infer.postprocess).")
   flags.mark_flags_as_required(["checkpoint", "input", "output"])
   app.run(main)

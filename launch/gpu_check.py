@@ -15,7 +15,10 @@ most important first:
       memory, beside the PyTorch reference step with AMP (bf16 autocast) on
       the same GPU, measured in this run;
   (c) sliding-window inference of one 4x240x240x155 volume against MONAI's
-      `sliding_window_inference` with AMP;
+      `sliding_window_inference` with AMP; then, at roi 128, the ensembles
+      challenge teams run: 1 model, 5 models and 5 models x 8 flips, against
+      the same loop over MONAI's sliding window (`bench infer --ensemble 5`),
+      with the 5 models vmapped together and one at a time;
   (a) tests/models_test.py (every model parity test, per impl, forward and
       backward) on the GPU at "highest" and at default matmul precision;
   (d) `bench scale --native`: the real stage-1 and stage-3 train steps
@@ -25,6 +28,8 @@ most important first:
 
 Work that would not fit the budget is recorded as skipped, never silently
 dropped. Each sub-command runs in its own process, so peak memory is its own.
+`--only ensemble` (or any comma list of ssl, infer, ensemble, tests, scale)
+runs those parts alone, for a session with little device time.
 """
 
 from __future__ import annotations
@@ -59,6 +64,14 @@ INFER_CASES = [
     ("infer-xla-bf16", "--impl xla --dtype bf16", 90),
     ("infer-xla-fp32", "--impl xla --dtype fp32", 60),
 ]
+# The 5 x 8 ensemble at roi 128 (BraTS fine-tuning's), 46 passes per side:
+# all 5 models vmapped together (the accelerator default), then one at a time.
+ENSEMBLE_CASES = [
+    ("ensemble5x8-xla-bf16", "--impl xla --dtype bf16 --ensemble 5", 240),
+    ("ensemble5x8-xla-bf16-step1", "--impl xla --dtype bf16 --ensemble 5 --models-per-step 1",
+     240),
+]
+PARTS = ("ssl", "infer", "ensemble", "tests", "scale")
 TEST_CASES = [("models_test-highest", "highest", 150), ("models_test-default", "default", 120)]
 # bench scale on the GPU itself: per-device shapes of stage 1 (4 crops) and stage 3 (1 crop).
 SCALE_CASE = ("scale-native", "--native --devices 1 --sizes tiny --meshes dp --dtypes bf16 "
@@ -122,15 +135,20 @@ def main() -> int:
   p.add_argument("--out", required=True)
   p.add_argument("--budget-s", type=float, default=470.0,
                  help="start no new work past this many seconds")
+  p.add_argument("--only", default=",".join(PARTS),
+                 help=f"comma list of the parts to run, of {','.join(PARTS)} (default: all)")
   p.add_argument("--smoke", action="store_true",
                  help="tiny shapes, two cases of each kind, the reference on the CPU: "
                  "checks this script itself on a machine without a GPU")
   args = p.parse_args()
+  only = set(args.only.split(","))
+  if only - set(PARTS):
+    p.error(f"--only {args.only}: expected a comma list of {', '.join(PARTS)}")
   os.makedirs(args.out, exist_ok=True)
   start = time.perf_counter()
   left = lambda: args.budget_s - (time.perf_counter() - start)
   results = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget_s,
-             "ssl": {}, "infer": {}, "tests": {}, "scale": {}}
+             "ssl": {}, "infer": {}, "ensemble": {}, "tests": {}, "scale": {}}
   tmp = tempfile.mkdtemp(prefix="gpu_check_")
   log_path = os.path.join(args.out, "gpu_check.log")
   with open(log_path, "w") as log:
@@ -141,20 +159,24 @@ def main() -> int:
     results["environment"] = _environment()
     log.write(json.dumps(results["environment"], indent=2) + "\n")
 
-    def bench(kind, name, flags, estimate, extra):
+    def bench(kind, name, flags, estimate, extra, part=None):
+      part = part or kind
+      if part not in only:
+        return
       if left() < estimate:
-        results[kind][name] = {"skipped": f"time budget ({left():.0f} s left, needs ~{estimate} s)"}
+        results[part][name] = {"skipped": f"time budget ({left():.0f} s left, needs ~{estimate} s)"}
         return
       out_json = os.path.join(tmp, name + ".json")
-      cmd = [sys.executable, "-m", "bsf_jax.bench", kind, *flags.split(), *extra,
+      # The case's own flags last: they override the shared ones.
+      cmd = [sys.executable, "-m", "bsf_jax.bench", kind, *extra, *flags.split(),
              "--json", out_json]
-      rc, wall = _run(cmd, min(left() + 30, 240), log, env)
+      rc, wall = _run(cmd, min(left() + 30, max(240, 1.5 * estimate)), log, env)
       entry = {"rc": rc, "wall_s": wall, "command": " ".join(cmd[1:])}
       if os.path.exists(out_json):
         with open(out_json) as f:
           data = json.load(f)
         entry.update(data if isinstance(data, dict) else {"rows": data})
-      results[kind][name] = entry
+      results[part][name] = entry
       _write(args.out, results)
 
     torch_device = "cpu" if args.smoke else "cuda"
@@ -164,17 +186,29 @@ def main() -> int:
                     "--sw-batch", "4", "--overlap", "0.5", "--mode", "gaussian",
                     "--torch-device", torch_device, "--amp"]
     ssl_cases, test_filter = SSL_CASES, []
+    ensemble_cases = ENSEMBLE_CASES
     if args.smoke:
       ssl_common = ["--no-reexec", "--size", "1,1,1,1", "--roi", "64", "--batch", "1",
                     "--steps", "5", "--in-channels", "2", "--feature-size", "12"]
-      infer_common[1], infer_common[5], infer_common[7] = "64,64,48", "32", "2"
+      # roi 64: MONAI's instance norm refuses the 1^3 bottleneck of roi 32.
+      infer_common[1], infer_common[5], infer_common[7] = "64,64,48", "64", "2"
       infer_common += ["--feature", "12", "--size", "1,1,1,1"]
       ssl_cases, test_filter = [SSL_CASES[0], SSL_CASES[2]], ["-k", "impl_choice"]
+      # 2 models x 2 flips with the CPU kernels: the orchestration, in minutes.
+      ensemble_cases = [(name, flags.replace("--ensemble 5", "--ensemble 2 --mirror-axes x")
+                         .replace("--impl xla --dtype bf16", "--impl cpu --dtype fp32"), estimate)
+                        for name, flags, estimate in ENSEMBLE_CASES]
+    # BraTS fine-tuning's window (roi 128) for the ensembles.
+    ensemble_common = [*infer_common, "--roi", "128" if not args.smoke else "64"]
     for name, flags, reference, estimate in ssl_cases[:6]:
       ref = ["--reference", "--torch-device", torch_device, "--amp"] if reference else []
       bench("ssl", name, flags, estimate, ssl_common + ref)
     bench("infer", *INFER_CASES[0][:2], INFER_CASES[0][2], infer_common)
+    for name, flags, estimate in ensemble_cases:
+      bench("infer", name, flags, estimate, ensemble_common, part="ensemble")
     for name, precision, estimate in TEST_CASES:
+      if "tests" not in only:
+        break
       if left() < estimate:
         results["tests"][name] = {"skipped": f"time budget ({left():.0f} s left)"}
         continue
@@ -231,7 +265,7 @@ def _write(out: str, results: dict) -> None:
       if "median_step_s" in r:
         lines.append(f"| {name} | {r['median_step_s'] / reference['reference_median_step_s']:.3f} |")
   lines += ["", "## Sliding-window inference, 4x240x240x155, roi 96, sw_batch 4, overlap 0.5, gaussian",
-            "", "| case | rc | bsf_jax s | MONAI AMP s | MONAI / bsf_jax | max logit diff | peak GiB |",
+            "", "| case | rc | bsf_jax s | MONAI AMP s | MONAI / bsf_jax | max prob diff | peak GiB |",
             "|---|---|---|---|---|---|---|"]
   for name, r in results["infer"].items():
     if "skipped" in r:
@@ -239,7 +273,20 @@ def _write(out: str, results: dict) -> None:
     else:
       lines.append(f"| {name} | {r.get('rc')} | {r.get('jax_s', float('nan')):.3f} | "
                    f"{r.get('monai_s', float('nan')):.3f} | {r.get('speedup', float('nan')):.2f} | "
-                   f"{r.get('max_logit_diff', float('nan')):.2e} | {_gib(r.get('peak_memory_bytes'))} |")
+                   f"{r.get('max_prob_diff', float('nan')):.2e} | {_gib(r.get('peak_memory_bytes'))} |")
+  lines += ["", "## Ensembles, 4x240x240x155, roi 128, sw_batch 4, overlap 0.5, gaussian "
+            "(`bench infer --ensemble 5`)", "",
+            "| run | models per step | case | passes | bsf_jax s | MONAI AMP loop s | MONAI / bsf_jax "
+            "| bsf_jax / one pass | max prob diff | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for name, r in results.get("ensemble", {}).items():
+    if "skipped" in r or not r.get("cases"):
+      lines.append(f"| {name} | {r.get('skipped') or 'rc ' + str(r.get('rc')) + ', no result'} "
+                   "| | | | | | | | |")
+      continue
+    for c in r["cases"]:
+      lines.append(f"| {name} | {r.get('models_per_step') or 'all'} | {c['case']} | {c['passes']} | "
+                   f"{c['jax_s']:.2f} | {c['monai_s']:.2f} | {c['speedup']:.2f} | "
+                   f"{c['single_passes']:.1f} | {c['max_prob_diff']:.2e} | {c['compile_s']:.1f} |")
   lines += ["", "## Model parity tests on the GPU (tests/models_test.py)", "",
             "| precision | rc | tests | failures | errors | failed |", "|---|---|---|---|---|---|"]
   for name, r in results["tests"].items():

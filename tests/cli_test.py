@@ -4,7 +4,8 @@
 `python -m bsf_jax.report` on a SwinUNETR (feature 12, depths 1, roi 32^3)
 fine-tuned for 2 steps on the small demo BraTS cohort. The run is trained once
 per module (no dependence on other test files); every subprocess pays a JAX
-start-up and a compile, so each case is one CLI call.
+start-up and a compile, so each case is one CLI call. Ensembles use the run
+twice (or a copy of it): the mean of equal predictions is the single one.
 """
 
 import csv
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -68,13 +70,25 @@ def run(cohort, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def single_prediction(cohort, run, tmp_path_factory):
+  """`predict` of the first subject folder, with its probabilities."""
+  one = sorted(os.path.dirname(s["flair"]) for s in cohort["subjects"])[0]
+  out_dir = tmp_path_factory.mktemp("preds_dir")
+  result = _cli("bsf_jax.predict", "--checkpoint", run, "--input", one,
+                "--output", out_dir, "--save_probabilities")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return one, out_dir, result
+
+
+@pytest.fixture(scope="module")
 def evaluated(run):
   result = _cli("bsf_jax.evaluate", f"--workdir={run}")
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
 
-def test_predict_subject_dir_and_datalist(cohort, run, tmp_path):
+def test_predict_subject_dir_and_datalist(cohort, run, single_prediction,
+                                         tmp_path):
   import nibabel as nib
   from nibabel import orientations
 
@@ -95,10 +109,8 @@ def test_predict_subject_dir_and_datalist(cohort, run, tmp_path):
       {"image": [os.path.relpath(f, tmp_path) for f in _files(str(ras_dir))]},
   ]}))
 
-  out_dir = tmp_path / "preds_dir"
-  result = _cli("bsf_jax.predict", "--checkpoint", run, "--input", one,
-                "--output", out_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert single_prediction[0] == one
+  out_dir, result = single_prediction[1:]
   assert "1 subject(s)" in result.stdout and "[1/1]" in result.stdout
 
   out_list = tmp_path / "preds_list"
@@ -115,7 +127,7 @@ def test_predict_subject_dir_and_datalist(cohort, run, tmp_path):
       os.path.join(out_list, os.path.basename(other) + "_pred.nii.gz"): other,
       os.path.join(out_list, "RAScopy_00000_pred.nii.gz"): str(ras_dir),
   }
-  assert sorted(glob.glob(os.path.join(out_dir, "*"))
+  assert sorted(glob.glob(os.path.join(out_dir, "*_pred.nii.gz"))
                 + glob.glob(os.path.join(out_list, "*"))) == sorted(outputs)
   labels = {}
   for pred_path, subject in outputs.items():
@@ -198,22 +210,36 @@ def test_inference_settings_recorded_then_overridden(run):
                         "sw_batch_size": defaults.sw_batch_size,
                         "sw_mode": defaults.sw_mode}, path
 
+  from bsf_jax.weights import ensemble
+
+  def member(meta, name="runs/a"):
+    return ensemble.Member(name, 1, {}, meta)
+
   meta = {"inference": {"threshold": 0.3, "sw_overlap": 0.25,
                         "sw_batch_size": 2, "sw_mode": "gaussian"}}
-  settings, source = predict.resolve_inference_settings(meta, {})
+  settings, source = ensemble.inference_settings([member(meta)], {})
   assert settings == meta["inference"] and source == "checkpoint"
-  settings, source = predict.resolve_inference_settings(
-      meta, {"threshold": 0.7, "sw_overlap": None, "sw_batch_size": 1})
+  settings, source = ensemble.inference_settings(
+      [member(meta)], {"threshold": 0.7, "sw_overlap": None, "sw_batch_size": 1})
   assert settings == {"threshold": 0.7, "sw_overlap": 0.25,
                       "sw_batch_size": 1, "sw_mode": "gaussian"}
   assert source == "checkpoint + flags sw_batch_size, threshold"
   # A checkpoint from before the settings were recorded: the defaults, said so.
-  settings, source = predict.resolve_inference_settings({"contract": {}}, {})
+  settings, source = ensemble.inference_settings([member({"contract": {}})], {})
   assert settings["threshold"] == defaults.threshold
   assert source.startswith("defaults")
   with pytest.raises(ValueError,
                      match=r"threshold must be in \[0, 1\], got 1.5"):
-    predict.resolve_inference_settings(meta, {"threshold": 1.5})
+    ensemble.inference_settings([member(meta)], {"threshold": 1.5})
+  # An ensemble whose checkpoints validated with other thresholds: refused,
+  # naming both and the flag that settles it; the flag does.
+  other = {"inference": {**meta["inference"], "threshold": 0.4}}
+  with pytest.raises(ValueError, match=r"^runs/a and runs/b differ in inference "
+                     r"setting threshold: 0.3 vs 0.4; choose one with --threshold$"):
+    ensemble.inference_settings([member(meta), member(other, "runs/b")], {})
+  settings, _ = ensemble.inference_settings(
+      [member(meta), member(other, "runs/b")], {"threshold": 0.5})
+  assert settings["threshold"] == 0.5
 
 
 def test_predict_uses_the_recorded_threshold(cohort, run, tmp_path):
@@ -298,13 +324,16 @@ def test_report_collects_runs(run, evaluated, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [l for l in result.stdout.splitlines() if l.startswith("|")]
   cols = [c.strip() for c in lines[0].strip("|").split("|")]
-  assert cols[:5] == ["depths", "modalities", "fraction", "init", "n"]
+  assert cols[:8] == ["depths", "modalities", "fraction", "init", "data",
+                      "scoring", "inference", "n"]
   assert set(DICE_COLUMNS) <= set(cols)
   body = [dict(zip(cols, (c.strip() for c in l.strip("|").split("|"))))
           for l in lines[2:]]
   assert sorted(r["fraction"] for r in body) == ["0.1", "1"]
   for r in body:
     assert r["depths"] == "1-1-1-1" and r["n"] == "1"
+    assert (r["data"], r["scoring"], r["inference"]) == (
+        "validation split", "monai", "1 model")
     assert r["modalities"] == "+".join(MODALITIES)
     assert r["init"] == "scratch"
     for c in DICE_COLUMNS:
@@ -320,6 +349,190 @@ def test_report_collects_runs(run, evaluated, tmp_path):
   assert result.returncode == 1
   assert "evaluation.json" in result.stderr and "bsf_jax.evaluate" in (
       result.stderr)
+
+
+def _prob_path(out_dir, subject):
+  return os.path.join(out_dir, os.path.basename(subject) + "_prob.npz")
+
+
+def test_saved_probabilities_reload_to_the_written_labels(run, single_prediction):
+  import nibabel as nib
+  from bsf_jax.infer import metrics
+  from bsf_jax import predict
+  one, out_dir, _ = single_prediction
+  pred = nib.load(os.path.join(out_dir, os.path.basename(one) + "_pred.nii.gz"))
+  with np.load(_prob_path(out_dir, one)) as raw:
+    assert raw["probabilities"].dtype == np.float16
+    assert raw["probabilities"].shape == (*pred.shape, 3)
+  saved = predict.load_probabilities(_prob_path(out_dir, one))
+  # The input's own orientation and affine, like the labels beside them.
+  np.testing.assert_array_equal(saved["affine"], pred.affine)
+  assert saved["regions"] == ["TC", "WT", "ET"] and saved["threshold"] == 0.5
+  assert saved["ensemble"]["checkpoints"] == [{"checkpoint": run, "step": 2}]
+  probs = saved["probabilities"]
+  assert 0 <= probs.min() and probs.max() <= 1
+  labels = metrics.channels_to_labels(probs, saved["convention"],
+                                      saved["threshold"])
+  written = np.asarray(pred.dataobj)
+  assert len(np.unique(written)) > 1  # the untrained model gives a mix
+  np.testing.assert_array_equal(labels, written)
+
+
+def test_saved_probabilities_keep_their_side_of_the_threshold():
+  from bsf_jax.infer import metrics
+  from bsf_jax import predict
+  # float16 rounds 0.49998 up to 0.5 and 0.30001 down below 0.3.
+  for t, values in ((0.5, [0.49998, 0.5, 0.50001, 0.2, 0.9]),
+                    (0.3, [0.30001, 0.29999, 0.3, 0.1])):
+    p = np.asarray(values, np.float32)
+    half = predict.to_float16(p, t)
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(metrics.binarize(half.astype(np.float32), t),
+                                  metrics.binarize(p, t))
+    np.testing.assert_allclose(half, p, atol=1e-3)
+
+
+def test_ensemble_of_one_checkpoint_twice_is_the_single_prediction(
+    run, single_prediction, tmp_path):
+  from bsf_jax.infer import metrics
+  from bsf_jax import predict
+  one, single_dir, _ = single_prediction
+  out = tmp_path / "ensemble"
+  # `--checkpoint A B`: the words after the flag are checkpoints too.
+  result = _cli("bsf_jax.predict", "--checkpoint", run, run, "--input", one,
+                "--output", out, "--save_probabilities")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "ensemble: 2 checkpoints: 2 sliding-window passes per volume" in (
+      result.stdout), result.stdout
+  single = predict.load_probabilities(_prob_path(single_dir, one))
+  twice = predict.load_probabilities(_prob_path(out, one))
+  assert len(twice["ensemble"]["checkpoints"]) == 2
+  # The mean of two equal predictions is the prediction; the float32 values
+  # may differ in rounding (another program around the model), so the float16
+  # files agree to one float16 step.
+  np.testing.assert_allclose(twice["probabilities"], single["probabilities"],
+                             rtol=0, atol=1e-3)
+  import nibabel as nib
+  name = os.path.basename(one) + "_pred.nii.gz"
+  a = np.asarray(nib.load(os.path.join(single_dir, name)).dataobj)
+  b = np.asarray(nib.load(os.path.join(out, name)).dataobj)
+  # Labels agree wherever no channel is within rounding of the threshold.
+  clear = (np.abs(single["probabilities"] - 0.5) > 1e-3).all(-1)
+  assert clear.mean() > 0.9
+  np.testing.assert_array_equal(a[clear], b[clear])
+
+
+def _edit_contract(run_dir, dest, **changes):
+  """A copy of the run whose checkpoints record another contract."""
+  shutil.copytree(run_dir, dest)
+  for path in _step_metas(dest):
+    with open(path) as f:
+      meta = json.load(f)
+    meta["contract"].update(changes)
+    with open(path, "w") as f:
+      json.dump(meta, f)
+  return str(dest)
+
+
+def test_ensemble_refuses_mismatched_contracts(run, tmp_path):
+  from bsf_jax.run import checkpointing
+  from bsf_jax.weights import ensemble
+  swapped = _edit_contract(run, tmp_path / "swapped",
+                           modalities=["flair", "t1", "t1ce", "t2"])
+  with pytest.raises(checkpointing.ContractError) as e:
+    ensemble.load([run, swapped], "latest")
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(
+      f"{run} and {swapped} differ in modalities: ['flair', 't1ce', 't1', 't2'] "
+      "vs ['flair', 't1', 't1ce', 't2']"), message
+  # A folder of fold runs (sorted by name), one trained at another roi.
+  folds = tmp_path / "folds"
+  folds.mkdir()
+  shutil.copytree(run, folds / "fold0")
+  _edit_contract(run, folds / "fold1", roi=[64, 64, 64])
+  paths = ensemble.resolve_checkpoints([str(folds)])
+  assert paths == [str(folds / "fold0"), str(folds / "fold1")]
+  with pytest.raises(checkpointing.ContractError,
+                     match=r"fold0 and \S+fold1 differ in roi: \[32, 32, 32\] vs "
+                     r"\[64, 64, 64\]"):
+    ensemble.load(paths, "latest")
+  (tmp_path / "no_runs").mkdir()
+  with pytest.raises(FileNotFoundError, match="neither a run"):
+    ensemble.resolve_checkpoints([str(tmp_path / "no_runs")])
+  # The CLI says it in one line, before reading any input.
+  result = _cli("bsf_jax.predict", "--checkpoint", run, "--checkpoint",
+                swapped, "--input", "unused", "--output", tmp_path / "p",
+                timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().startswith("error: ") and len(
+      result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+  assert "differ in modalities" in result.stderr
+  assert not (tmp_path / "p").exists()
+
+
+def test_evaluate_ensemble_mirrored_on_a_datalist_and_report_side_by_side(
+    cohort, run, evaluated, tmp_path, capsys):
+  from bsf_jax import evaluate, report
+  held_out = tmp_path / "held_out.json"
+  entry = lambda s, **kw: {"image": [s[m] for m in MODALITIES], **kw}
+  subjects = cohort["subjects"]
+  # Scored: the labelled entries of "validation" and "test"; not "training"
+  # (what models learn from) nor entries without a label.
+  held_out.write_text(json.dumps({
+      "training": [entry(subjects[0], label=subjects[0]["seg"])],
+      "validation": [entry(subjects[1], label=subjects[1]["seg"])],
+      "test": [entry(subjects[2])]}))
+  single, both = tmp_path / "single", tmp_path / "ensemble_mirror_x"
+  with open(os.path.join(run, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  evaluate._tuples(config)
+  evaluate.evaluate_run(run, config, str(single), datalist=str(held_out))
+  result = _cli("bsf_jax.evaluate", f"--workdir={run}", "--checkpoint", run, run,
+                "--mirror", "--mirror_axes=x", f"--datalist={held_out}",
+                f"--output={both}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith(
+      "Evaluation of an ensemble of 2 checkpoints x 2 flips (mirror x): 4 "
+      "sliding-window passes per volume on held_out.json"), result.stdout[:300]
+  with open(both / "evaluation.json") as f:
+    ens = json.load(f)
+  assert [c["checkpoint"] for c in ens["inference"]["checkpoints"]] == [run, run]
+  assert ens["inference"]["flips"] == 2 and ens["inference"]["mirror"] == "x"
+  assert ens["data"]["datalist"] == str(held_out)
+  assert [v["volume"] for v in ens["volumes"]] == [
+      os.path.basename(subjects[1]["flair"])]
+  with open(single / "evaluation.json") as f:
+    one = json.load(f)
+  assert one["inference"]["flips"] == 1 and len(one["volumes"]) == 1
+  # The workdir keeps the run's own evaluation; an ensemble needs --output.
+  with open(os.path.join(run, "evaluation.json")) as f:
+    assert json.load(f)["data"]["datalist"] is None
+  with pytest.raises(ValueError, match="--output is required"):
+    evaluate.output_dir(run, None, [run, run], False, None, None)
+  assert evaluate.output_dir(run, None, [], False, None, None) == run
+
+  assert report.main([run, str(single), str(both)]) == 0
+  out = capsys.readouterr().out
+  main_table, side_table = out.split("side by side:")
+  rows = [l for l in main_table.splitlines() if l.startswith("|")]
+  cols = [c.strip() for c in rows[0].strip("|").split("|")]
+  assert cols[:8] == ["depths", "modalities", "fraction", "init", "data",
+                      "scoring", "inference", "n"]
+  body = [dict(zip(cols, (c.strip() for c in l.strip("|").split("|"))))
+          for l in rows[2:]]
+  assert [(r["data"], r["inference"]) for r in body] == [
+      ("held_out.json", "1 model"), ("held_out.json", "2 models x 2 flips"),
+      ("validation split", "1 model")]
+  # Side by side: one row per protocol and data, a column per inference.
+  side = [l for l in side_table.splitlines() if l.startswith("|")]
+  side_cols = [c.strip() for c in side[0].strip("|").split("|")]
+  assert side_cols[-2:] == ["1 model", "2 models x 2 flips"]
+  (row,) = [dict(zip(side_cols, (c.strip() for c in l.strip("|").split("|"))))
+            for l in side[2:]]
+  assert _number(row["1 model"]) == pytest.approx(one["mean"]["dice_mean"], abs=1e-4)
+  assert _number(row["2 models x 2 flips"]) == pytest.approx(
+      ens["mean"]["dice_mean"], abs=1e-4)
 
 
 def test_predict_and_evaluate_import_nothing_from_the_trainers():

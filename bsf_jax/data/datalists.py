@@ -393,3 +393,30 @@ def load_datalist(cfg, sections=None) -> tuple[list[dict], list[dict]]:
   select = lambda r: {"id": r["id"], "label": r["label"],
                       "image": _pick(r["image"], dataset, wanted, f"{where}: {r['id']}")}
   return [select(r) for r in train], [select(r) for r in val]
+
+
+def labelled_records(path: str, dataset: str, modalities,
+                     sections=("validation", "test")) -> list[dict]:
+  """The labelled entries of a datalist's held-out sections, for evaluation.
+
+  Args:
+    path: a datalist json; relative paths are taken against its folder.
+    dataset: "brats" or "atlas" (how image lists are ordered, `_pick`).
+    modalities: the modalities to select, in model-channel order.
+    sections: the json sections read ("training" is what models learn from).
+
+  Returns:
+    Records {"id", "image", "label"} of every entry with a label.
+
+  Raises:
+    DataError: no labelled entry in those sections.
+  """
+  wanted = resolve_modalities(dataset, modalities)
+  found = json_records(path)
+  records = [{"id": r["id"], "label": r["label"],
+              "image": _pick(r["image"], dataset, wanted, f"{path}: {r['id']}")}
+             for name in sections for r in found.get(name, []) if r["label"]]
+  if not records:
+    raise DataError(f"{path}: no labelled entries in its {list(sections)} "
+                    "sections")
+  return records

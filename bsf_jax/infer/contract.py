@@ -58,3 +58,22 @@ def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
   if "model" in saved and "patch_merging" not in saved["model"]:
     saved = dict(saved, model=dict(saved["model"], patch_merging="all_neighbours"))
   return saved
+
+
+def input_mismatch(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+  """The first contract field two checkpoints differ in, the model aside.
+
+  Checkpoints whose predictions are averaged must read their inputs the same
+  way (dataset, modalities and their order, orientation, layout, intensity,
+  roi) and mean the same by each output channel (label convention); their
+  architectures may differ. Contracts of earlier versions are compared as
+  this version writes them (`upgrade`).
+
+  Returns:
+    The field's name, or None when they agree.
+  """
+  a, b = upgrade(a), upgrade(b)
+  for key in sorted((set(a) | set(b)) - {"model"}):
+    if a.get(key) != b.get(key):
+      return key
+  return None
