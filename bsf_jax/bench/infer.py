@@ -26,10 +26,10 @@ model (that pass timed just before and after the case).
 
 Both sides share the process: the same allocator, and torch gets as many
 threads as XLA's CPU backend uses (all cores, or --threads). Within a case
-the sides are interleaved (bsf_jax, MONAI, bsf_jax; the means are reported),
-so a machine load that drifts during a case weighs on both alike; one
-model's single pass, the unit of the cost in passes, is timed just before and
-after each case.
+the sides are interleaved (bsf_jax, MONAI, bsf_jax, ...; each side's fastest
+run is reported), so a machine load that drifts during a case weighs on both
+alike; one model's single pass, the unit of the cost in passes, is timed just
+before and after each case (the faster is the unit).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--mode", default="gaussian", choices=("constant", "gaussian"))
   p.add_argument("--repeats", type=int, default=1,
                  help="MONAI runs per case; bsf_jax runs one more, interleaved "
-                 "(bsf_jax, MONAI, bsf_jax, ...); the means are reported")
+                 "(bsf_jax, MONAI, bsf_jax, ...); each side's fastest is reported")
   p.add_argument("--threads", type=int, default=0,
                  help="torch intra-op threads (0: all cores, as XLA uses)")
   p.add_argument("--shard", action="store_true",
@@ -82,15 +82,15 @@ def _timed(fn) -> tuple[float, object]:
 
 
 def _interleaved(ours, reference, repeats: int):
-  """Mean seconds of `ours` and of `reference`, run ours, reference, ours, ...
+  """Fastest seconds of `ours` and of `reference`, run ours, reference, ours, ...
 
-  Each reference run is bracketed by two of ours, so a machine load that
-  drifts during a long case weighs on both sides alike (the shared CPU
-  machine's load moves within minutes).
+  Each reference run is bracketed by two of ours, and each side's fastest
+  run (the least disturbed by other users of a shared machine, whose load
+  moves within minutes) is reported.
 
   Returns:
-    (our mean, our times, our last output, reference mean, its times, its
-    last output).
+    (our fastest, our times, our last output, reference fastest, its
+    times, its last output).
   """
   ours_t, ref_t = [], []
   t, out = _timed(ours)
@@ -100,7 +100,7 @@ def _interleaved(ours, reference, repeats: int):
     ref_t.append(t)
     t, out = _timed(ours)
     ours_t.append(t)
-  return np.mean(ours_t), ours_t, out, np.mean(ref_t), ref_t, ref
+  return min(ours_t), ours_t, out, min(ref_t), ref_t, ref
 
 
 def main(argv: list[str]) -> int:
@@ -215,7 +215,7 @@ def main(argv: list[str]) -> int:
     jax_s, jax_t, y_jax, torch_s, torch_t, y_t = _interleaved(
         run, lambda n=n, f=flips: monai_loop(torch_models[:n], f), args.repeats)
     after, _ = _timed(single_run)
-    unit_s = (before + after) / 2
+    unit_s = min(before, after)
     print(f"[{name}] bsf_jax: compile {compile_s:.1f} s, run {jax_s:.2f} s "
           f"(runs {', '.join(f'{t:.2f}' for t in jax_t)}) = "
           f"{jax_s / unit_s:.1f} single passes (one pass {unit_s:.2f} s "
