@@ -2,7 +2,8 @@
 
 MONAI 0.9 to 1.4 concatenated the 2x2x2 neighbours of `PatchMerging` with
 (0, 1, 0) and (0, 0, 1) twice and (1, 1, 0), (0, 1, 1) never
-(monai/networks/nets/swin_unetr.py before MONAI PR 8285). The installed MONAI
+(monai/networks/nets/swin_unetr.py at MONAI tag 1.4.0; fixed by
+https://github.com/Project-MONAI/MONAI/pull/8285). The installed MONAI
 computes the corrected order, so this swaps every 3D patch merging of a MONAI
 model for one that computes the old order with the same parameters: what
 BrainSegFounder's released weights and `model_swinvit.pt` were trained with.

@@ -40,7 +40,9 @@ REMAT_CHOICES = ("none", "block") + REMAT_POLICIES
 # block, as (d, h, w) offsets (monai/networks/nets/swin_unetr.py,
 # `PatchMerging.forward`, x0..x7). MONAI 0.9 to 1.4 took (0, 1, 0) and (0, 0, 1)
 # twice and never (1, 1, 0) or (0, 1, 1); it was kept for weight compatibility
-# (MONAI PR 5106, declined) and fixed in MONAI 1.5.0 (issue 8284, PR 8285).
+# (https://github.com/Project-MONAI/MONAI/pull/5106, declined) and fixed in
+# MONAI 1.5.0 (https://github.com/Project-MONAI/MONAI/pull/8285; compare
+# swin_unetr.py at MONAI's tags 1.4.0 and 1.5.0).
 # Weights trained before then, BrainSegFounder's released checkpoints and
 # MONAI's `model_swinvit.pt` among them, expect "duplicated_neighbours".
 PATCH_MERGING_ORDERS = {
