@@ -286,8 +286,7 @@ def _predict(checkpoints: str | list[str], inputs: str, output: str,
   steps = postprocess_lib.parse(postprocess, convention.regions)
   settings, settings_source = ensemble.inference_settings(members,
                                                           overrides or {})
-  config = ensemble.config_for(contract)
-  config.seg.update(settings)
+  config = ensemble.inference_config(contract, settings)
   intensity = transforms.Intensity(**{
       k: contract["intensity"][k] for k in ("kind", "a_min", "a_max")
       if k in contract["intensity"]})

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -224,10 +223,9 @@ def test_inference_settings_recorded_then_overridden(run):
   assert settings == {"threshold": 0.7, "sw_overlap": 0.25,
                       "sw_batch_size": 1, "sw_mode": "gaussian"}
   assert source == "checkpoint + flags sw_batch_size, threshold"
-  # A checkpoint from before the settings were recorded: the defaults, said so.
-  settings, source = ensemble.inference_settings([member({"contract": {}})], {})
-  assert settings["threshold"] == defaults.threshold
-  assert source.startswith("defaults")
+  # Metadata without the settings is refused, naming the checkpoint.
+  with pytest.raises(ValueError, match=r"^runs/a: checkpoint metadata has no inference settings"):
+    ensemble.inference_settings([member({"contract": {}})], {})
   with pytest.raises(ValueError,
                      match=r"threshold must be in \[0, 1\], got 1.5"):
     ensemble.inference_settings([member(meta)], {"threshold": 1.5})
@@ -474,6 +472,7 @@ def test_ensemble_refuses_mismatched_contracts(run, tmp_path):
 def test_evaluate_ensemble_mirrored_on_a_datalist_and_report_side_by_side(
     cohort, run, evaluated, tmp_path, capsys):
   from bsf_jax import evaluate, report
+  from bsf_jax.weights import evaluation
   held_out = tmp_path / "held_out.json"
   entry = lambda s, **kw: {"image": [s[m] for m in MODALITIES], **kw}
   subjects = cohort["subjects"]
@@ -484,10 +483,8 @@ def test_evaluate_ensemble_mirrored_on_a_datalist_and_report_side_by_side(
       "validation": [entry(subjects[1], label=subjects[1]["seg"])],
       "test": [entry(subjects[2])]}))
   single, both = tmp_path / "single", tmp_path / "ensemble_mirror_x"
-  with open(os.path.join(run, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  evaluate._tuples(config)
-  evaluate.evaluate_run(run, config, str(single), datalist=str(held_out))
+  config = config_lib.load_run_config(run)
+  evaluation.evaluate_run(run, config, str(single), datalist=str(held_out))
   result = _cli("bsf_jax.evaluate", f"--workdir={run}", "--checkpoint", run, run,
                 "--mirror", "--mirror_axes=x", f"--datalist={held_out}",
                 f"--output={both}")

@@ -105,7 +105,7 @@ def test_demo_computes_in_fp32():
     ("impl", "tpu", "config.model.impl='tpu'"),
     ("attention", "flash", "config.model.attention='flash'"),
     ("remat", "sometimes", "config.model.remat='sometimes'"),
-    ("attention", "cudnn", "needs config.model.dtype='bfloat16'"),
+    ("attention", "cudnn", "config.model.attention='cudnn' needs dtype='bfloat16'"),
 ])
 def test_model_choices_are_validated(key, value, message):
   config = load("stage1", "runlocal")

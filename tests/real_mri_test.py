@@ -162,13 +162,10 @@ def test_predict_real_2023_named_case(finetuned, tmp_path, capsys):
 
 
 def test_evaluate_brats2023_convention_on_the_real_crop(finetuned, tmp_path):
-  import ml_collections
-  from bsf_jax import evaluate
+  from bsf_jax.weights import evaluation
   workdir = finetuned[0]
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  evaluate._tuples(config)
-  table = evaluate.evaluate_run(workdir, config, str(tmp_path), "latest",
+  config = config_lib.load_run_config(workdir)
+  table = evaluation.evaluate_run(workdir, config, str(tmp_path), "latest",
                                 convention="brats2023")
   assert "scored with the brats2023 convention" in table.splitlines()[0]
   with open(tmp_path / "evaluation.json") as f:

@@ -682,7 +682,8 @@ def test_corrupt_newest_checkpoint_gives_one_line_errors(ssl_run, tmp_path):
   import ml_collections
   import shutil
   from bsf_jax.run import checkpointing
-  from bsf_jax import evaluate, predict
+  from bsf_jax import predict
+  from bsf_jax.weights import evaluation
   workdir = str(tmp_path / "run")
   shutil.copytree(ssl_run, workdir)
   bad = _truncate_newest(workdir)
@@ -709,7 +710,7 @@ def test_corrupt_newest_checkpoint_gives_one_line_errors(ssl_run, tmp_path):
     predict._predict(workdir, "unused", str(tmp_path / "p"), "latest")
   config = ml_collections.ConfigDict({"data": {"label_format": "brats2021"}})
   with pytest.raises(checkpointing.CheckpointError, match="--step"):
-    evaluate.evaluate_run(workdir, config, str(tmp_path / "ev"), "latest")
+    evaluation.evaluate_run(workdir, config, str(tmp_path / "ev"), "latest")
   assert _digest(workdir) == before  # Read-only tools move nothing.
 
 

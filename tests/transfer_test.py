@@ -158,12 +158,11 @@ def test_auto_patch_merging_follows_the_source(tmp_path):
   c = config(legacy)
   assert "from config.init_from" in transfer.resolve_patch_merging(c)
   assert c.model.patch_merging == "duplicated_neighbours"
-  # A run written before the order was recorded computed MONAI 1.5's.
-  old = str(tmp_path / "old")
-  _source_run(old, {1: 0.5})
-  c = config(old)
-  transfer.resolve_patch_merging(c)
-  assert c.model.patch_merging == "all_neighbours"
+  # Metadata that records no order is refused, naming the source.
+  bare = str(tmp_path / "bare")
+  _source_run(bare, {1: 0.5})
+  with pytest.raises(transfer.TransferError, match=f"init_from='{bare}'.*records no model contract"):
+    transfer.resolve_patch_merging(config(bare))
   # Stated against the source: allowed, and said.
   c = config(legacy, "all_neighbours")
   assert "NOT config.init_from's duplicated_neighbours" in transfer.resolve_patch_merging(c)

@@ -1,8 +1,10 @@
 """Model construction, once: from MONAI's keywords, or from a run's config.
 
 `build(kind, **kwargs)` is what weight conversion uses (kwargs read off a
-PyTorch state dict); `from_config(config)` is what every run, `predict` and
-`evaluate` use. Both end in the same constructors.
+PyTorch state dict); `from_config(config)` is what every run uses, and
+`from_architecture(contract["model"], ...)` what `predict` and `evaluate` use
+to rebuild a checkpoint's model from its contract. All end in the same
+constructors, whose `SwinConfig` holds every check of the encoder's settings.
 """
 
 from __future__ import annotations
@@ -57,14 +59,56 @@ def patch_merging_of(config: Any) -> str:
   "auto" with a `config.init_from` is resolved against the source before the
   model is built (`transfer.resolve_patch_merging`, at the start of a run).
   """
-  # A config written before the field existed computed MONAI 1.5's order.
-  order = config.model.get("patch_merging", "all_neighbours")
+  order = config.model.patch_merging
   if order != "auto":
     return order
   if config.get("init_from"):
     raise ValueError("config.model.patch_merging='auto' is resolved from config.init_from "
                      "by transfer.resolve_patch_merging before the model is built")
   return "all_neighbours"
+
+
+def architecture(config: Any) -> dict[str, Any]:
+  """What a run's model is, as its checkpoints' contract records it (JSON-ready).
+
+  The shape of every parameter and the function the weights compute follow
+  from these fields alone; `from_architecture` rebuilds the model from them,
+  which is how `predict` and `evaluate` rebuild a checkpoint's model. How the
+  model runs (dtype, kernels, remat) and its training-only dropout are not
+  part of it.
+  """
+  cfg = config.model
+  return dict(name=cfg.name, depths=[int(d) for d in cfg.depths],
+              num_heads=[int(h) for h in cfg.num_heads],
+              feature_size=int(cfg.feature_size),
+              in_channels=len(config.data.modalities),
+              out_channels=int(cfg.out_channels),
+              patch_merging=patch_merging_of(config))
+
+
+def from_architecture(arch: dict[str, Any], run: Any, devices=None) -> Any:
+  """The module `arch` (`architecture`'s dict) describes, run as `run` says.
+
+  Args:
+    arch: the model's architecture (a checkpoint contract's "model").
+    run: a `config.model` block: its dtype, impl, attention and remat, its
+      dropout rates and (SSL) decoder.
+    devices: what impl="auto" resolves against (None: `jax.devices()`).
+  """
+  kwargs = dict(
+      in_channels=arch["in_channels"], feature_size=arch["feature_size"],
+      depths=tuple(arch["depths"]), num_heads=tuple(arch["num_heads"]),
+      patch_merging=arch["patch_merging"],
+      dropout_path_rate=run.dropout_path_rate, drop_rate=run.drop_rate,
+      attn_drop_rate=run.attn_drop_rate, dtype=jnp.dtype(run.dtype),
+      remat=run.remat, impl=run.impl, attention=run.attention, devices=devices)
+  if arch["name"] == "ssl_head":
+    return build("ssl_head", upsample=run.upsample, **kwargs)
+  if arch["name"] == "swin_unetr":
+    if arch["out_channels"] <= 0:
+      raise ValueError("out_channels must be > 0 for swin_unetr")
+    return build("swin_unetr", out_channels=arch["out_channels"], **kwargs)
+  raise ValueError(f"name={arch['name']!r}: expected 'ssl_head' or 'swin_unetr'")
 
 
 def from_config(config: Any, devices=None) -> Any:
@@ -75,19 +119,4 @@ def from_config(config: Any, devices=None) -> Any:
     devices: the run's mesh devices, what impl="auto" resolves against
       (None: `jax.devices()`, which a default mesh is built from).
   """
-  cfg = config.model
-  kwargs = dict(
-      in_channels=len(config.data.modalities), feature_size=cfg.feature_size,
-      depths=tuple(cfg.depths), num_heads=tuple(cfg.num_heads),
-      dropout_path_rate=cfg.dropout_path_rate, drop_rate=cfg.drop_rate,
-      attn_drop_rate=cfg.attn_drop_rate, dtype=jnp.dtype(cfg.dtype),
-      remat=cfg.remat, impl=cfg.impl, attention=cfg.attention,
-      patch_merging=patch_merging_of(config), devices=devices)
-  if cfg.name == "ssl_head":
-    return build("ssl_head", upsample=cfg.upsample, **kwargs)
-  if cfg.name == "swin_unetr":
-    if cfg.out_channels <= 0:
-      raise ValueError("config.model.out_channels must be > 0 for swin_unetr")
-    return build("swin_unetr", out_channels=cfg.out_channels, **kwargs)
-  raise ValueError(f"config.model.name={cfg.name!r}: expected 'ssl_head' or "
-                   "'swin_unetr'")
+  return from_architecture(architecture(config), config.model, devices)

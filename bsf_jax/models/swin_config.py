@@ -87,13 +87,6 @@ def resolve_impl(impl: str, devices: Sequence[jax.Device] | None = None) -> str:
   return "cpu" if platforms[0] == "cpu" else "xla"
 
 
-def check_remat(remat: str) -> str:
-  """`remat`, refused unless one of `REMAT_CHOICES`."""
-  if remat not in REMAT_CHOICES:
-    raise ValueError(f"remat={remat!r}: expected one of {REMAT_CHOICES}")
-  return remat
-
-
 def remat_module(module_cls: type[nn.Module], remat: str, **kwargs: Any) -> type[nn.Module]:
   """`module_cls`, rematerialised as `remat` says ("none" returns it unchanged).
 
@@ -154,31 +147,48 @@ class SwinConfig:
     set_("num_heads", tuple(int(h) for h in self.num_heads))
     if not isinstance(self.window_size, int):
       set_("window_size", tuple(int(w) for w in self.window_size))
-    check_remat(self.remat)
     set_("dtype", jnp.dtype(self.dtype))
     set_("param_dtype", jnp.dtype(self.param_dtype))
-    if self.impl not in ("xla", "cpu"):
-      raise ValueError(f"SwinConfig.impl={self.impl!r}: expected 'xla' or 'cpu' "
-                       "(resolve 'auto' with swin_config.resolve_impl)")
-    if self.attention not in ATTENTION_KERNELS:
-      raise ValueError(f"SwinConfig.attention={self.attention!r}: expected one of "
-                       f"{ATTENTION_KERNELS}")
-    if self.attention == "cudnn" and self.dtype not in (jnp.bfloat16, jnp.float16):
-      raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype "
-                       f"(cuDNN's fused attention has no float32 kernel), got {self.dtype}; "
-                       "use attention='xla_dpa' or 'einsum' in float32")
-    if self.patch_merging not in PATCH_MERGING_ORDERS:
-      raise ValueError(f"SwinConfig.patch_merging={self.patch_merging!r}: expected one of "
-                       f"{tuple(PATCH_MERGING_ORDERS)}")
-    if jnp.float64 in (self.dtype, self.param_dtype) and not jax.config.jax_enable_x64:
-      raise ValueError("a float64 SwinConfig needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
-                       "jax.config.update('jax_enable_x64', True) before building the model")
-    if self.dtype == jnp.float64 and self.attention != "einsum":
-      raise ValueError(f"attention={self.attention!r} computes its softmax in float32 "
-                       "(jax.nn.dot_product_attention); a float64 model needs attention='einsum'")
+    problem = self._problem()
+    if problem:
+      raise ValueError(problem)
+
+  def _problem(self) -> str | None:
+    """The first setting that cannot work, as "field=value: why", or None.
+
+    Every check of the encoder's settings lives here; a run's config is
+    checked by building its model (`config_lib.validate`), whose messages
+    then name `config.model.<field>`.
+    """
     if len(self.depths) != 4 or len(self.num_heads) != 4:
-      raise ValueError(f"the Swin encoder has 4 stages: got depths={self.depths}, "
-                       f"num_heads={self.num_heads}")
+      return (f"num_heads={self.num_heads}: need one entry per stage of the 4-stage Swin "
+              f"encoder, as depths={self.depths}")
+    for i, heads in enumerate(self.num_heads):
+      # Stage i works at width feature_size * 2**i, split evenly over its heads.
+      width = self.feature_size * 2**i
+      if heads <= 0 or width % heads:
+        return (f"num_heads[{i}]={heads} does not divide stage {i}'s width "
+                f"feature_size * 2**{i} = {width}")
+    if self.impl not in ("xla", "cpu"):
+      return (f"impl={self.impl!r}: expected 'xla' or 'cpu' (resolve 'auto' with "
+              "swin_config.resolve_impl)")
+    if self.attention not in ATTENTION_KERNELS:
+      return f"attention={self.attention!r}: expected one of {list(ATTENTION_KERNELS)}"
+    if self.attention == "cudnn" and self.dtype not in (jnp.bfloat16, jnp.float16):
+      return (f"attention='cudnn' needs dtype='bfloat16' (or float16): cuDNN's fused "
+              f"attention has no {self.dtype} kernel; use attention='xla_dpa' or 'einsum'")
+    if self.remat not in REMAT_CHOICES:
+      return f"remat={self.remat!r}: expected one of {list(REMAT_CHOICES)}"
+    if self.patch_merging not in PATCH_MERGING_ORDERS:
+      return (f"patch_merging={self.patch_merging!r}: expected one of "
+              f"{list(PATCH_MERGING_ORDERS)}")
+    if jnp.float64 in (self.dtype, self.param_dtype) and not jax.config.jax_enable_x64:
+      return ("dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
+              "jax.config.update('jax_enable_x64', True) before building the model")
+    if self.dtype == jnp.float64 and self.attention != "einsum":
+      return (f"attention={self.attention!r} computes its softmax in float32 "
+              "(jax.nn.dot_product_attention); a float64 model needs attention='einsum'")
+    return None
 
 
 ENCODER_FIELDS = tuple(f.name for f in dataclasses.fields(SwinConfig))

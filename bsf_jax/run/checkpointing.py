@@ -536,11 +536,8 @@ def check_contract(saved: dict[str, Any], current: dict[str, Any],
   Wrong modality order is the most common silent failure of the original:
   every permutation of BraTS channels but the trained one gives Dice ~0 with
   no error. So modalities, their order, orientation, normalisation and the
-  roi must match exactly. A contract of an earlier version is compared as
-  this version would have written it (`contract.upgrade`).
+  roi must match exactly.
   """
-  from bsf_jax.infer import contract  # pylint: disable=g-import-not-at-top
-  saved = contract.upgrade(saved)
   problems = []
   for key in sorted(set(saved) | set(current)):
     if saved.get(key) != current.get(key):

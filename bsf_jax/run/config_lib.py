@@ -265,17 +265,6 @@ def validate(config: ml_collections.ConfigDict,
     problems.append(
         f"config.data.roi={roi}: need 3 positive multiples of {multiple} (the "
         "patch embedding and 4 patch mergings each halve the crop)")
-  depths, heads = tuple(config.model.depths), tuple(config.model.num_heads)
-  if len(heads) != len(depths):
-    problems.append(f"config.model.num_heads={heads} must have one entry per "
-                    f"stage of config.model.depths={depths}")
-  for i, h in enumerate(heads):
-    # Stage i works at width feature_size * 2**i, split evenly over heads.
-    width = config.model.feature_size * 2**i
-    if h <= 0 or width % h:
-      problems.append(
-          f"config.model.num_heads[{i}]={h} does not divide stage {i}'s width "
-          f"config.model.feature_size * 2**{i} = {width}")
   batch, samples = config.data.batch_size, config.data.num_samples
   if samples <= 0 or batch <= 0 or batch % samples:
     problems.append(f"config.data.batch_size={batch} must be a positive "
@@ -286,7 +275,7 @@ def validate(config: ml_collections.ConfigDict,
     problems.append(
         f"config.data.roi={roi}: the SSL head reads bottleneck tokens 0 and 1, "
         f"so the roi needs >= 2 bottleneck tokens (one dim >= {2 * multiple})")
-  problems.extend(_model_choice_problems(config.model))
+  problems.extend(_model_problems(config))
   try:
     pipeline.seg_augmentation(config.data)
   except ValueError as e:
@@ -308,20 +297,25 @@ def validate(config: ml_collections.ConfigDict,
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
 
 
-def _model_choice_problems(model: ml_collections.ConfigDict) -> list[str]:
-  """Problems with config.model's kernel, attention, remat and dtype choices."""
-  from bsf_jax.models import swin_config
+def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Problems with `config.model`, found by building the model it names.
+
+  The model's own settings (`SwinConfig`) hold every check of heads, kernels,
+  remat and merging order; only what a run adds is checked here.
+  """
+  from bsf_jax import models
   problems = []
-  choices = (("impl", swin_config.IMPLS), ("attention", swin_config.ATTENTION_KERNELS),
-             ("remat", swin_config.REMAT_CHOICES), ("dtype", ("float32", "bfloat16")),
-             ("patch_merging", ("auto",) + tuple(swin_config.PATCH_MERGING_ORDERS)))
-  for key, allowed in choices:
-    value = model.get(key)
-    if value not in allowed:
-      problems.append(f"config.model.{key}={value!r}: expected one of {list(allowed)}")
-  if model.get("attention") == "cudnn" and model.get("dtype") != "bfloat16":
-    problems.append(f"config.model.attention='cudnn' needs config.model.dtype='bfloat16' "
-                    f"(cuDNN fused attention has no float32 kernel), got {model.get('dtype')!r}")
+  model = config.model
+  if model.dtype not in ("float32", "bfloat16"):
+    problems.append(f"config.model.dtype={model.dtype!r}: expected 'float32' or 'bfloat16'")
+  if model.patch_merging == "auto" and config.get("init_from"):
+    # Resolved from the source when the run starts; any order checks the rest.
+    config = config.copy_and_resolve_references()
+    config.model.patch_merging = "all_neighbours"
+  try:
+    models.from_config(config)
+  except ValueError as e:
+    problems.append(f"config.model.{e}")
   return problems
 
 
@@ -341,6 +335,28 @@ def load_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return module.get_config(arg)
 
 
+# A run's resolved config, written into its workdir when training starts.
+RUN_CONFIG = "config.json"
+# The fields JSON turns from tuples into lists.
+_TUPLE_FIELDS = (("data", "roi"), ("data", "modalities"), ("model", "depths"),
+                 ("model", "num_heads"))
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
   """The resolved config as JSON (written to the workdir for reference)."""
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """A run's resolved config (`RUN_CONFIG`), read back as JSON data, never code.
+
+  What `evaluate` predicts and scores a finished run's checkpoints with.
+  """
+  path = os.path.join(workdir, RUN_CONFIG)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found (not a bsf_jax workdir?)")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  for block, field in _TUPLE_FIELDS:
+    config[block][field] = tuple(config[block][field])
+  return config

@@ -15,6 +15,7 @@ import time
 import ml_collections
 
 from bsf_jax.trainers import finetune, pretrain
+from bsf_jax.weights import evaluation
 
 
 def _cohort(config: ml_collections.ConfigDict, data_dir: str) -> dict[str, str]:
@@ -59,9 +60,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     trainer.train_and_evaluate(stage, os.path.join(workdir, name))
     print(f"=== {name} done in {time.time() - t0:.0f}s")
 
-  from bsf_jax import evaluate
-  table = evaluate.evaluate_run(os.path.join(workdir, "stage3"),
-                                config.stage3, workdir)
+  table = evaluation.evaluate_run(os.path.join(workdir, "stage3"),
+                                  config.stage3, workdir)
   print(table)
   print(f"demo finished in {time.time() - start:.0f}s; results in {workdir}")
   logging.info("demo finished")

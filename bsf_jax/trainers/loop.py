@@ -90,7 +90,7 @@ class _Preemption:
 def _write_config(config, workdir):
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(workdir, config_lib.RUN_CONFIG), "w") as f:
       f.write(config_lib.to_json(config))
 
 
@@ -178,7 +178,7 @@ def _restore_or_init(config, job, mesh, manager, step0, abstract, optimizer,
                                                    train_iter, contract)
     logging.info("Resumed from %s step %d", manager.directory, step0)
     return state
-  sample_shape = (1, *config.data.roi, contract_lib.in_channels(config))
+  sample_shape = (1, *config.data.roi, contract["model"]["in_channels"])
   state, _ = train_state.create_train_state(
       job.model, optimizer, init_rng, sample_shape, mesh,
       fsdp=config.mesh.fsdp != 1)

@@ -50,7 +50,7 @@ class Member:
 
   @property
   def contract(self) -> dict:
-    return contract_lib.upgrade(self.meta.get("contract") or {})
+    return self.meta.get("contract") or {}
 
 
 def _is_checkpoint(path: str) -> bool:
@@ -130,23 +130,20 @@ def inference_settings(members: Sequence[Member],
                        overrides: dict) -> tuple[dict, str]:
   """The `config.seg` inference fields to predict with, and their source.
 
-  Each checkpoint's recorded settings (`contract.inference_settings`), else
-  the defaults for checkpoints written before they were recorded; every
+  Each checkpoint's recorded settings (`contract.inference_settings`); every
   setting not given as a flag (a non-None override) must be the same for all
   checkpoints.
   """
-  defaults = config_lib.seg_config()
   given = {k: v for k, v in overrides.items() if v is not None}
-  chosen, sources = None, set()
+  chosen = None
   for member in members:
     recorded = member.meta.get("inference")
-    settings = {k: defaults[k] for k in contract_lib.INFERENCE_KEYS}
-    if recorded is None:
-      sources.add("defaults (the checkpoint predates recorded inference settings)")
-    else:
-      settings.update({k: recorded[k] for k in contract_lib.INFERENCE_KEYS
-                       if k in recorded})
-      sources.add("checkpoint")
+    missing = [k for k in contract_lib.INFERENCE_KEYS if k not in (recorded or {})]
+    if missing:
+      raise checkpointing.ContractError(
+          f"{member.checkpoint}: checkpoint metadata has no inference settings "
+          f"{missing}")
+    settings = {k: recorded[k] for k in contract_lib.INFERENCE_KEYS}
     if chosen is None:
       chosen, first = settings, member.checkpoint
       continue
@@ -156,7 +153,7 @@ def inference_settings(members: Sequence[Member],
             f"{first} and {member.checkpoint} differ in inference setting "
             f"{key}: {chosen[key]!r} vs {settings[key]!r}; choose one with "
             f"{SETTING_FLAGS[key]}")
-  source = " and ".join(sorted(sources))
+  source = "checkpoint"
   if given:
     chosen.update(given)
     source += " + flags " + ", ".join(sorted(given))
@@ -166,27 +163,18 @@ def inference_settings(members: Sequence[Member],
   return chosen, source
 
 
-def config_for(contract: dict, base: ml_collections.ConfigDict | None = None
-               ) -> ml_collections.ConfigDict:
-  """The config fields inference needs, for a checkpoint's contract.
+def inference_config(contract: dict, settings: dict) -> ml_collections.ConfigDict:
+  """What `Ensemble` needs beyond the checkpoints, for tools without a run config.
 
-  The model's shape, modalities and roi come from the contract; the other
-  model fields (dtype, kernels) and `seg` from `base` (a run's config), else
-  the defaults.
+  The roi comes from the contract, the `seg` inference fields from `settings`
+  (`inference_settings`) and how the model runs (dtype, kernels) from the
+  defaults; the model itself is rebuilt from each checkpoint's contract.
   """
-  m = contract["model"]
   config = ml_collections.ConfigDict()
-  config.model = (base.model.copy_and_resolve_references() if base is not None
-                  else config_lib.model_config("swin_unetr"))
-  config.model.update(name=m["name"], depths=tuple(m["depths"]),
-                      num_heads=tuple(m["num_heads"]),
-                      feature_size=m["feature_size"],
-                      out_channels=m["out_channels"],
-                      patch_merging=m.get("patch_merging", "all_neighbours"))
-  config.data = ml_collections.ConfigDict(dict(
-      modalities=tuple(contract["modalities"]), roi=tuple(contract["roi"])))
-  config.seg = (base.seg.copy_and_resolve_references() if base is not None
-                else config_lib.seg_config())
+  config.model = config_lib.model_config("swin_unetr")
+  config.data = ml_collections.ConfigDict(dict(roi=tuple(contract["roi"])))
+  config.seg = config_lib.seg_config()
+  config.seg.update(settings)
   return config
 
 
@@ -215,8 +203,8 @@ class Ensemble:
 
     Args:
       members: `load`'s result.
-      config: `data.roi`, `seg` and the model fields that are not in the
-        contract (`config_for`).
+      config: `data.roi`, `seg` and how the model runs (`config.model`'s
+        dtype and kernels; `inference_config` for tools without a run).
       mirror: axes to mirror over, e.g. "xyz"; "" for none.
       mesh: optional mesh whose data axis splits each step's windows
         (`inference.window_mesh`).
@@ -227,8 +215,8 @@ class Ensemble:
     self.mirror = mirror
     self.flips = inference.flip_combinations(mirror)
     devices = None if mesh is None else list(mesh.devices.flat)
-    model_list = [models.from_config(config_for(g[0].contract, config),
-                                     devices=devices) for g in self.groups]
+    model_list = [models.from_architecture(g[0].contract["model"], config.model,
+                                           devices=devices) for g in self.groups]
     stacked = []
     for group in self.groups:
       try:

@@ -40,7 +40,7 @@ def export(workdir: str, out: str, fmt: str, which: str | int = "latest",
   model = checkpointing.run_meta(workdir).get("contract", {}).get("model", {})
   kind = model.get("name")
   metric, mode = checkpointing.best_metric_of({"contract": {"model": model}})
-  order = model.get("patch_merging", "all_neighbours")
+  order = model["patch_merging"]
   if fmt == "bsf" and kind != "ssl_head":
     raise ValueError("--format bsf is the SSL-head checkpoint format; this run "
                      f"trained a {kind}. Use --format monai.")

@@ -137,8 +137,10 @@ def source_patch_merging(path: str) -> tuple[str | None, str]:
     return torch_file.patch_merging, torch_file.merging_reason
   from bsf_jax.run import checkpointing  # pylint: disable=g-import-not-at-top
   model = checkpointing.run_meta(path).get("contract", {}).get("model", {})
-  # Runs written before the order was recorded could only compute MONAI 1.5's.
-  return model.get("patch_merging", "all_neighbours"), "recorded by the bsf_jax run"
+  if "patch_merging" not in model:
+    raise TransferError(f"config.init_from={path!r}: its checkpoints' metadata records no "
+                        "model contract (contract.model.patch_merging)")
+  return model["patch_merging"], "recorded by the bsf_jax run"
 
 
 def resolve_patch_merging(config: ml_collections.ConfigDict) -> str:
