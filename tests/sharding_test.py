@@ -126,6 +126,24 @@ def test_fsdp_spec_rules():
   assert sharding.fsdp_spec((3, 3, 3, 32, 64), 1) == P()
 
 
+def test_gather_to_process_makes_whole_local_arrays_from_the_gathered_copies():
+  mesh = sharding.create_mesh(mesh_cfg(2, 4))
+  local_mesh = sharding.process_local_mesh(mesh)
+  P = jax.sharding.PartitionSpec
+  w = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
+  tree = {"w": jax.device_put(w, jax.sharding.NamedSharding(mesh, P("fsdp", None))),
+          "b": jax.device_put(np.ones(3, np.float32), sharding.replicated(mesh))}
+  local = sharding.gather_to_process(mesh, local_mesh)(tree)
+  for name, x in local.items():
+    assert x.sharding == sharding.replicated(local_mesh), name
+    assert {s.device for s in x.addressable_shards} == set(local_mesh.devices.flat)
+    for shard in x.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(tree[name]))
+  # Usable by a program on the local mesh, as the validation's predictor is.
+  total = jax.jit(lambda t: t["w"].sum() + t["b"].sum())(local)
+  assert float(total) == float(w.sum() + 3)
+
+
 @pytest.mark.parametrize("data,fsdp", [(8, 1), (2, 4)])
 def test_sharded_step_matches_one_device(one_device_result, data, fsdp):
   mesh = sharding.create_mesh(mesh_cfg(data, fsdp))

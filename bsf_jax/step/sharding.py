@@ -147,6 +147,25 @@ def process_local_mesh(mesh: Mesh) -> Mesh:
                      devices=local)
 
 
+def gather_to_process(mesh: Mesh, local_mesh: Mesh):
+  """A function: a (maybe FSDP-sharded) tree on `mesh` -> whole on `local_mesh`.
+
+  Every process must call it together (an FSDP tree is all-gathered over
+  `mesh`). The result's arrays are made of the gathered copies already on
+  this process's devices (`jax.make_array_from_single_device_arrays`): no
+  second transfer.
+  """
+  gather = jax.jit(lambda tree: tree, out_shardings=replicated(mesh))
+  target = replicated(local_mesh)
+
+  def local(x: jax.Array) -> jax.Array:
+    on = {shard.device: shard.data for shard in x.addressable_shards}
+    return jax.make_array_from_single_device_arrays(
+        x.shape, target, [on[d] for d in local_mesh.devices.flat])
+
+  return lambda tree: jax.tree.map(local, gather(tree))
+
+
 def data_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of a batch: leading dim split over all devices."""
   return NamedSharding(mesh, P(DATA_AXES))

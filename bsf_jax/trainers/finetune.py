@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -75,17 +74,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   model = models.from_config(config, devices=list(mesh.devices.flat))
   local_mesh = sharding.process_local_mesh(mesh)
   predict = inference.make_volume_predictor(model, config, local_mesh)
-  # Whole params on every device (FSDP shards included), then this
-  # process's copy on its own devices.
-  replicate = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))
+  # Each process predicts its own volumes with whole params on its devices.
+  to_local = sharding.gather_to_process(mesh, local_mesh)
   keys = scoring.volume_metric_keys(config.data.label_format,
                                     config.model.out_channels)
 
   def evaluate(params, step):
     del step
-    params = jax.device_put(
-        jax.tree.map(lambda x: x.addressable_data(0), replicate(params)),
-        sharding.replicated(local_mesh))
+    params = to_local(params)
     per_volume = []
     for i, item in enumerate(pipeline.make_eval_iter(config.data, task=kinds.SEG.task)):
       if 0 <= config.train.eval_batches <= i:
