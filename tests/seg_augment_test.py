@@ -1,4 +1,4 @@
-"""Fine-tuning augmentation on the device (`augment.seg_augment`).
+"""Fine-tuning augmentation on the device (`seg_augment.seg_augment`).
 
 - Same distribution as the host version (`transforms.rand_flip` +
   `rand_scale_shift`, MONAI's RandFlipd x3, RandScaleIntensityd(0.1) and
@@ -22,7 +22,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
-from bsf_jax.step import augment, sharding
+from bsf_jax.step import seg_augment, sharding
 from bsf_jax.run import checkpointing, config_lib
 from bsf_jax import models
 from bsf_jax.data import demo, pipeline
@@ -57,7 +57,7 @@ def _device_draws():
   keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0),
                                                  jnp.arange(N))
   x = jnp.broadcast_to(jnp.asarray(BASE), (N,) + BASE.shape)
-  image, label = jax.jit(augment.seg_augment)(keys, x, x)
+  image, label = jax.jit(seg_augment.seg_augment)(keys, x, x)
   return _read_back(np.asarray(image), np.asarray(label))
 
 
@@ -108,17 +108,17 @@ def test_deterministic_and_keyed_per_crop():
   keys = jax.random.split(jax.random.key(3), 6)
   # One compiled program throughout (eager and jitted runs may round the
   # scale-and-shift differently: fused or not).
-  seg_augment = jax.jit(augment.seg_augment)
-  out = seg_augment(keys, image, label)
-  again = seg_augment(keys, image, label)
+  augment = jax.jit(seg_augment.seg_augment)
+  out = augment(keys, image, label)
+  again = augment(keys, image, label)
   for a, b in zip(out, again):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Crop i depends on keys[i] and its own crop only.
   order = np.array([4, 2, 0, 5, 1, 3])
-  permuted = seg_augment(keys[order], image[order], label[order])
+  permuted = augment(keys[order], image[order], label[order])
   for a, b in zip(out, permuted):
     np.testing.assert_array_equal(np.asarray(a)[order], np.asarray(b))
-  other = seg_augment(jax.random.split(jax.random.key(4), 6), image, label)
+  other = augment(jax.random.split(jax.random.key(4), 6), image, label)
   assert not np.array_equal(np.asarray(out[0]), np.asarray(other[0]))
   assert out[0].dtype == image.dtype and out[1].dtype == label.dtype
 
@@ -175,16 +175,6 @@ def test_host_only_reads_crops_when_the_device_augments(brats):
   with pytest.raises(ValueError, match="data.augment_on='gpu'"):
     pipeline.make_train_iter(_data_cfg(brats, augment_on="gpu"), task="seg", seed=0,
                              process_index=0, process_count=1)
-
-
-@pytest.fixture
-def fast_compile():
-  # As in augment_test: XLA's optimisation passes dominate these tiny
-  # programs' cost on a CPU.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
 
 
 def _train(brats, workdir, steps):

@@ -15,11 +15,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bsf_jax.step import augment, losses, sharding, ssl_step
+from bsf_jax.step import sharding, ssl_step, ssl_views
 from bsf_jax.run import config_lib
 from bsf_jax import models
 from bsf_jax.step import train_state, train_step
 from bsf_jax.bench import scale
+import ssl_losses
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "configs")
@@ -61,7 +62,7 @@ def reference_terms(params, key, x, group, valid=None):
   the rule of `ssl_step`; then view 1 and view 2 of the batch go through
   separate forwards.
   """
-  per_group = [augment.make_views(
+  per_group = [ssl_views.make_views(
       jax.random.fold_in(key, g), x[g * group:(g + 1) * group],
       valid=None if valid is None else valid[g * group:(g + 1) * group])
                for g in range(x.shape[0] // group)]
@@ -153,7 +154,7 @@ def test_loss_equals_one_device_loss(dp):
   # batch computed on one device, without a mesh, view 1 and view 2 in
   # separate forwards: within float32 reduction-order noise.
   key = jax.random.split(jax.random.fold_in(jax.random.key(5), 0))[0]
-  _, want = losses.ssl_loss(*reference_terms(
+  _, want = ssl_losses.ssl_loss(*reference_terms(
       dp.init_state.params, key, jnp.asarray(dp.x), group=1))
   for k in ("rot", "con", "rec"):
     np.testing.assert_allclose(dp.metrics[k], want[k], rtol=2e-5, err_msg=k)
@@ -228,8 +229,8 @@ def test_eval_step_ignores_padded_samples(dp):
   rot, labels, c1, c2, rec, targets = reference_terms(
       params, key, jnp.asarray(x), group=2, valid=jnp.asarray(mask))
   both = np.array([0, 1, 2, 4, 5, 6])  # real samples of view 1, then view 2
-  _, want = losses.ssl_loss(rot[both], labels[both], c1[:3], c2[:3],
-                            rec[both], targets[both])
+  _, want = ssl_losses.ssl_loss(rot[both], labels[both], c1[:3], c2[:3],
+                                rec[both], targets[both])
   for k in ("rot", "con", "rec"):
     np.testing.assert_allclose(sums[k] / sums["count"], want[k], rtol=1e-4,
                                err_msg=k)

@@ -150,11 +150,11 @@ class _JaxSide:
 
   def views(self):
     """The views of step 0 (what the first timed step trained on)."""
-    from bsf_jax.step import augment  # pylint: disable=g-import-not-at-top
+    from bsf_jax.step import ssl_views  # pylint: disable=g-import-not-at-top
     # The step's view key (`ssl_step.make_loss_fn`) for swap group 0.
     key = self.jax.random.split(self.jax.random.fold_in(self.rng, 0))[0]
     key = self.jax.random.fold_in(key, 0)
-    return self.jax.device_get(augment.make_views(
+    return self.jax.device_get(ssl_views.make_views(
         key, self.images, max_drop=self.cfg_ssl.max_drop,
         max_block_sz=self.cfg_ssl.max_block_sz, tolr=self.cfg_ssl.tolr))
 

@@ -8,7 +8,7 @@ Each element is one volume turned into `num_samples` crops; a batch of
 `batch_size / num_samples / process_count` volumes is one process-local batch
 of crops. Segmentation crops are augmented here only under
 `data.augment_on="host"`; by default the training step augments them on the
-device (`bsf_jax.step.augment.seg_augment`). Random crops/augmentations get
+device (`bsf_jax.step.seg_augment.seg_augment`). Random crops/augmentations get
 Grain's per-element rng (derived from the seed and the element index), so a
 run is reproducible and `get_state()/set_state()` resumes at exactly the same
 element. Memory is bounded by (workers x prefetch) batches plus one volume per
@@ -109,7 +109,7 @@ AUGMENT_ON = ("device", "host")
 
 def seg_augmentation(cfg) -> str:
   """Where segmentation training crops are augmented: "device", "host", or
-  "" when `data.augment` is off. `bsf_jax.step.augment.seg_augment` is the
+  "" when `data.augment` is off. `bsf_jax.step.seg_augment.seg_augment` is the
   device version, `make_crops` the host one; both draw the same distribution.
   """
   if cfg.augment_on not in AUGMENT_ON:

@@ -9,8 +9,8 @@ and torch's `normal_()`. `rng.integers(lo, hi)` and `rng.uniform(0, m)` draw
 from the same ranges as the legacy global-state `randint(lo, hi)` and
 `uniform(0, m)` calls of the reference.
 
-tests/augment_test.py compares the statistics of `bsf_jax.step.augment` against
-this port by Monte Carlo.
+tests/ssl_views_test.py compares the statistics of `bsf_jax.step.patch_drop` and
+`bsf_jax.step.ssl_views` against this port by Monte Carlo.
 """
 
 from typing import Sequence

@@ -10,7 +10,6 @@ SSL objectives (the paper's Stage 1 pretraining), used by the pretraining step:
 * `contrastive_loss`: NT-Xent (SimCLR) over the 2B x 2B cosine-similarity
   matrix without its diagonal, averaged over the 2B rows.
 * `reconstruction_loss`: mean absolute error.
-* `ssl_loss`: weighted sum of the three, returning `(total, parts)`.
 
 Negatives for NT-Xent: the reference (`Contrast` in BrainSegFounder
 `pretrain/losses/loss.py`) runs under DistributedDataParallel, so every GPU
@@ -28,8 +27,6 @@ Segmentation losses, channels-last ([B, H, W, D, K]), following
 * `dice_loss`
 * `dice_ce_loss`
 """
-
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -67,20 +64,17 @@ def _l2_normalize(z: Array, eps: float = 1e-12) -> Array:
 
 
 def contrastive_loss(z1: Array, z2: Array, temperature: float = 0.5, *,
-                     mask: Array | None = None, num_groups: int = 1) -> Array:
-  """NT-Xent loss between two views (reference `Contrast`, global negatives).
+                     mask: Array | None = None) -> Array:
+  """NT-Xent loss between two views (reference `Contrast`).
 
   Row i of the 2B x 2B cosine-similarity matrix of [z1; z2] has its positive at
   column i + B (or i - B); the denominator sums exp(sim / T) over every column
   except the diagonal (so it includes the positive). The loss is
   sum_i -log(exp(pos_i / T) / sum_{j != i} exp(sim_ij / T)) / 2B.
 
-  By default all 2B - 2 other samples of the batch passed in are negatives.
-  Called on a globally sharded batch this means negatives from all devices,
-  unlike the reference's per-GPU negatives (see module docstring and
-  docs/ssl.md). `num_groups=G` restricts negatives to G consecutive groups of
-  B / G samples and averages the per-group losses: with G = number of GPUs in
-  the reference this is exactly its DistributedDataParallel loss.
+  All 2B - 2 other samples of the batch passed in are negatives: one
+  device's rows (the reference's per-GPU negatives) or the embeddings of
+  every device gathered first (see module docstring and docs/ssl.md).
 
   Args:
     z1: [B, E] embeddings of view 1.
@@ -89,7 +83,6 @@ def contrastive_loss(z1: Array, z2: Array, temperature: float = 0.5, *,
     mask: optional [B] bool, False for padding samples: they are neither
       anchors nor negatives, and the mean runs over the 2 * sum(mask) valid
       anchors (0 if there are none).
-    num_groups: number of negative groups; must divide B.
 
   Returns:
     Scalar float32 loss.
@@ -99,9 +92,6 @@ def contrastive_loss(z1: Array, z2: Array, temperature: float = 0.5, *,
         f"contrastive_loss expects z1, z2 of equal shape [B, E]; got "
         f"{z1.shape} and {z2.shape}")
   b = z1.shape[0]
-  if num_groups < 1 or b % num_groups:
-    raise ValueError(f"contrastive_loss: batch {b} is not divisible by "
-                     f"num_groups={num_groups}")
   z = jnp.concatenate([_l2_normalize(_f32(z1)), _l2_normalize(_f32(z2))], 0)
   # HIGHEST precision: on GPU/TPU the default matmul precision would round the
   # similarities to bf16, which is visible at T = 0.5.
@@ -109,9 +99,6 @@ def contrastive_loss(z1: Array, z2: Array, temperature: float = 0.5, *,
   n = 2 * b
   rows = jnp.arange(n)
   allowed = rows[:, None] != rows[None, :]
-  if num_groups > 1:
-    group = (rows % b) // (b // num_groups)
-    allowed &= group[:, None] == group[None, :]
   valid = jnp.ones((n,), bool)
   if mask is not None:
     if mask.shape != (b,):
@@ -139,57 +126,6 @@ def reconstruction_loss(pred: Array, target: Array) -> Array:
         f"reconstruction_loss: pred shape {pred.shape} != target shape "
         f"{target.shape}")
   return jnp.mean(jnp.abs(_f32(pred) - _f32(target)))
-
-
-def ssl_loss(
-    rot_logits: Array,
-    rot_labels: Array,
-    z1: Array,
-    z2: Array,
-    recon: Array,
-    recon_target: Array,
-    *,
-    w_rot: float = 1.0,
-    w_con: float = 1.0,
-    w_rec: float = 1.0,
-    temperature: float = 0.5,
-    con_groups: int = 1,
-) -> tuple[Array, Mapping[str, Array]]:
-  """The BrainSegFounder SSL objective (reference `Loss`, alpha1..3 = weights).
-
-  Concatenation order follows `bsf_jax.step.augment.make_views`: the first B rows of
-  `rot_logits`, `rot_labels`, `recon`, `recon_target` belong to view 1, the next
-  B rows to view 2.
-
-  Args:
-    rot_logits: [2B, 4] rotation logits of both views.
-    rot_labels: [2B] rotation classes (from `make_views`).
-    z1: [B, E] contrastive embeddings of view 1.
-    z2: [B, E] contrastive embeddings of view 2.
-    recon: [2B, H, W, D, C] reconstructions of both augmented views.
-    recon_target: [2B, H, W, D, C] rotated, un-augmented volumes.
-    w_rot: weight of the rotation loss.
-    w_con: weight of the contrastive loss.
-    w_rec: weight of the reconstruction loss.
-    temperature: NT-Xent temperature.
-    con_groups: NT-Xent negative groups (`contrastive_loss(num_groups=...)`);
-      1 = global negatives.
-
-  Returns:
-    (total, parts): total = w_rot*rot + w_con*con + w_rec*rec, and parts the
-    *unweighted* terms {"rot", "con", "rec"} (float32 scalars).
-  """
-  if rot_logits.shape[0] != 2 * z1.shape[0]:
-    raise ValueError(
-        f"ssl_loss: rot_logits has {rot_logits.shape[0]} rows but z1 has "
-        f"{z1.shape[0]}; expected 2B rows (view 1 then view 2)")
-  parts = {
-      "rot": rotation_loss(rot_logits, rot_labels),
-      "con": contrastive_loss(z1, z2, temperature, num_groups=con_groups),
-      "rec": reconstruction_loss(recon, recon_target),
-  }
-  total = w_rot * parts["rot"] + w_con * parts["con"] + w_rec * parts["rec"]
-  return total, parts
 
 
 def _check_seg_shapes(name: str, logits: Array, target: Array) -> None:
@@ -281,16 +217,9 @@ def dice_ce_loss(
     logits: Array,
     target: Array,
     *,
-    sigmoid: bool = False,
-    softmax: bool = False,
-    squared_pred: bool = False,
-    include_background: bool = True,
-    to_onehot_y: bool = False,
-    smooth_nr: float = 1e-5,
-    smooth_dr: float = 1e-5,
-    batch: bool = False,
     lambda_dice: float = 1.0,
     lambda_ce: float = 1.0,
+    **dice_kw,
 ) -> Array:
   """Dice + cross-entropy with `monai.losses.DiceCELoss` semantics.
 
@@ -306,10 +235,11 @@ def dice_ce_loss(
   Args:
     logits: [B, *spatial, K] raw network outputs.
     target: [B, *spatial, K] or [B, *spatial, 1].
-    sigmoid, softmax, squared_pred, include_background, to_onehot_y,
-    smooth_nr, smooth_dr, batch: as in `dice_loss` (Dice term only).
     lambda_dice: weight of the Dice term.
     lambda_ce: weight of the cross-entropy term.
+    **dice_kw: the keywords of `dice_loss` (sigmoid, softmax, squared_pred,
+      include_background, to_onehot_y, smooth_nr, smooth_dr, batch), for the
+      Dice term only.
 
   Returns:
     Scalar float32 loss.
@@ -319,16 +249,12 @@ def dice_ce_loss(
     raise ValueError(
         f"dice_ce_loss: target must be [B, *spatial, 1] or [B, *spatial, {k}] "
         f"for logits {logits.shape}; got {target.shape}")
-  if target.shape[-1] == 1 and k > 1 and not to_onehot_y:
+  if target.shape[-1] == 1 and k > 1 and not dice_kw.get("to_onehot_y"):
     # MONAI's Dice term would fail on this shape too; say so clearly.
     raise ValueError(
         f"dice_ce_loss: label target {target.shape} with {k} channels needs "
         "to_onehot_y=True")
-  dice = dice_loss(
-      logits, target, sigmoid=sigmoid, softmax=softmax,
-      squared_pred=squared_pred, include_background=include_background,
-      to_onehot_y=to_onehot_y, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
-      batch=batch)
+  dice = dice_loss(logits, target, **dice_kw)
   x = _f32(logits)
   if k == 1:
     t = _f32(target)

@@ -1,7 +1,7 @@
 """The SSL objective as a per-device `loss_fn` for `train_step`, and the SSL eval step.
 
 One training step (the paper's Stage 1 pretraining): two views per volume,
-view_i = aug_rand(rot_rand(x)) (`augment.make_views`), both views through ONE
+view_i = aug_rand(rot_rand(x)) (`ssl_views.make_views`), both views through ONE
 forward pass of the SSL head (concatenated on the batch axis, so the matmuls
 are twice as large), then rotation CE + NT-Xent + L1 reconstruction
 (`losses`).
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, PartitionSpec as P
 
-from bsf_jax.step import augment, losses, sharding
+from bsf_jax.step import losses, sharding, ssl_views
 from bsf_jax import models
 
 NEGATIVES = ("global", "device")
@@ -68,7 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def _views(cfg: ml_collections.ConfigDict, key: jax.Array, x: jax.Array,
            valid: jax.Array | None = None):
-  """`augment.make_views` on each swap group of this device's rows.
+  """`ssl_views.make_views` on each swap group of this device's rows.
 
   Group g of the global batch uses `fold_in(key, g)`. Labels and targets come
   back in `make_views` order: this device's view-1 samples, then view-2.
@@ -85,9 +85,9 @@ def _views(cfg: ml_collections.ConfigDict, key: jax.Array, x: jax.Array,
             tolr=cfg.tolr)
   xs = x.reshape((n, group) + x.shape[1:])
   if valid is None:
-    out = jax.vmap(lambda k, xg: augment.make_views(k, xg, **kw))(keys, xs)
+    out = jax.vmap(lambda k, xg: ssl_views.make_views(k, xg, **kw))(keys, xs)
   else:
-    out = jax.vmap(lambda k, xg, vg: augment.make_views(
+    out = jax.vmap(lambda k, xg, vg: ssl_views.make_views(
         k, xg, valid=vg, **kw))(keys, xs, valid.reshape(n, group))
   view1, view2, labels, targets = out
   # [n, 2, group, ...] -> [2, n * group, ...]: all view-1 samples first.
@@ -196,7 +196,7 @@ def make_eval_step(model: nn.Module, cfg_ssl: ml_collections.ConfigDict,
     `con` is the NT-Xent over the real samples among the negatives (the
     batch's, or each device's), weighted by their number; `rot` and `rec` are
     exact per-sample sums. Padded samples are never swap-drop sources
-    (`augment.draw_partners`), so neither their content nor their number
+    (`ssl_views.draw_partners`), so neither their content nor their number
     changes the sums.
   """
   model = models.with_compute_dtype(model, dtype)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bsf_jax.step import augment, losses, sharding
+from bsf_jax.step import losses, seg_augment, sharding
 from bsf_jax.infer import inference, scoring
 from bsf_jax import models
 from bsf_jax.run import kinds
@@ -29,11 +29,11 @@ from bsf_jax.trainers import loop
 
 
 def augment_batch(batch, rng):
-  """Inside the step: `augment.seg_augment` of this device's crops, crop r
+  """Inside the step: `seg_augment.seg_augment` of this device's crops, crop r
   of the global batch keyed by `fold_in(rng, r)` (`sharding.row_keys`)."""
   image, label = batch["image"], batch["label"]
   keys = sharding.row_keys(rng, image.shape[0])
-  image, label = augment.seg_augment(keys, image, label)
+  image, label = seg_augment.seg_augment(keys, image, label)
   return {**batch, "image": image, "label": label}
 
 

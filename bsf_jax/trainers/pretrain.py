@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bsf_jax.step import augment, sharding, ssl_step
+from bsf_jax.step import sharding, ssl_step, ssl_views
 from bsf_jax import models
 from bsf_jax.run import kinds
 from bsf_jax.weights import transfer
@@ -52,7 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   @functools.partial(jax.jit)
   def _preview(params, x, key):
-    view1, _, _, _ = augment.make_views(key, x)
+    view1, _, _, _ = ssl_views.make_views(key, x)
     _, _, recon = model.apply({"params": params}, view1)
     return x, view1, recon
 

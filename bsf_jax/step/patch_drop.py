@@ -1,12 +1,11 @@
-"""On-device augmentation: SSL rotations and box inpainting; fine-tuning flips
-and intensity scale/shift.
+"""Box inpainting on the device: the reference `patch_rand_drop`.
 
-Jittable, keyed and vectorised re-implementations of the reference
-`rot_rand` / `patch_rand_drop` / `aug_rand` (BrainSegFounder
-`pretrain/utils/ops.py`, from MONAI's SwinUNETR pretraining), for channels-last
-batches [B, H, W, D, C]. Every sample draws from its own key
-(`jax.random.split(key, B)[i]`), so results do not depend on how the batch is
-sharded, and there is no Python loop over samples.
+Jittable, keyed and vectorised re-implementation of the reference
+`patch_rand_drop` (BrainSegFounder `pretrain/utils/ops.py`, from MONAI's
+SwinUNETR pretraining), for channels-last batches [B, H, W, D, C]. Every
+sample draws from its own key (`jax.random.split(key, B)[i]`), so results do
+not depend on how the batch is sharded, and there is no Python loop over
+samples. The SSL views built from it are in `ssl_views`.
 
 Reference box rule, per spatial dim of size n: lo = int(tolr * n),
 hi = int(max_block_sz * n); start ~ U{0 .. n - lo - 1}, side ~ U{lo .. hi - 1},
@@ -27,22 +26,6 @@ exactly: it is the box maximum or minimum with probability 1/n each, otherwise
 a normal truncated to [min, max]. Only the joint law of two elements of one box
 differs (never observable per voxel). Boxes with n = 1 element (C = 1, 1-voxel
 box) give 0/0 = NaN in the reference; we treat them as n = 2 (value 0 or 1).
-
-Fine-tuning (`seg_augment`): per sample, a flip of each spatial axis with
-probability 0.5 and x * (1 + U(-0.1, 0.1)) + U(-0.1, 0.1), one draw per sample
-for all channels: the BrainSegFounder BraTS recipe, MONAI `RandFlipd(prob=0.5,
-spatial_axis=a)` for a = 0, 1, 2, `RandScaleIntensityd(factors=0.1, prob=1)`
-and `RandShiftIntensityd(offsets=0.1, prob=1)` (monai/transforms/intensity/
-array.py), as `bsf_jax.data.transforms.rand_flip` and `rand_scale_shift` do
-on the host.
-
-Documented deviation in `aug_rand`: the reference swaps sequentially in place,
-so sample i copies from x_aug[j], which is already augmented when j < i and
-untouched when j > i. Here all noise drops happen first and every swap copies
-from the noise-dropped partner, so all samples are treated alike. Swap
-partners can be restricted to groups (`group_size`, e.g. the per-device batch,
-as the reference draws partners on its own GPU); the group gather is then local
-to a device.
 """
 
 import math
@@ -295,8 +278,8 @@ def _normalised_noise(u, n, lo, hi, cdf_lo, cdf_hi):
 
 
 # One patch_rand_drop of one sample uses its key as: boxes, extremes, fill.
-def _box_index(key: Array, spatial: tuple[int, ...],
-               cfg: dict) -> tuple[Array, Array]:
+def box_index(key: Array, spatial: tuple[int, ...],
+              cfg: dict) -> tuple[Array, Array]:
   """Boxes of one sample -> ([H, W, D] last-box index, [N] box volumes)."""
   boxes = sample_boxes(jax.random.split(key, 3)[0], spatial, **cfg)
   idx = last_box_index(boxes, spatial)
@@ -314,19 +297,21 @@ def _noise_fill(key: Array, x: Array, idx: Array, volume: Array) -> Array:
   return _normalised_noise(u, *per_voxel).astype(x.dtype)
 
 
-def _apply(keys, x, x_rep, idx, volume):
+def fill_boxes(keys, x, x_rep, idx, volume):
   """Fills the boxed voxels of a batch with noise (x_rep None) or x_rep."""
   if x_rep is None:
     x_rep = jax.vmap(_noise_fill)(keys, x, idx, volume)
   return jnp.where((idx >= 0)[..., None], x_rep, x)
 
 
-def _check_batch(name: str, x: Array) -> None:
+def check_batch(name: str, x: Array) -> None:
+  """Raises unless x is a [B, H, W, D, C] batch; `name` is the caller."""
   if x.ndim != 5:
     raise ValueError(f"{name}: expected [B, H, W, D, C], got shape {x.shape}")
 
 
-def _drop_cfg(x, max_drop, max_block_sz, tolr, max_boxes):
+def drop_config(x, max_drop, max_block_sz, tolr, max_boxes):
+  """(spatial shape, `sample_boxes` keywords) of a drop on batch x."""
   spatial = tuple(int(n) for n in x.shape[1:4])
   if max_boxes is None:
     max_boxes = default_max_boxes(spatial, max_drop, max_block_sz, tolr)
@@ -353,222 +338,11 @@ def patch_rand_drop(key: Array, x: Array, x_rep: Array | None = None,
   Returns:
     Array of x's shape and dtype.
   """
-  _check_batch("patch_rand_drop", x)
+  check_batch("patch_rand_drop", x)
   if x_rep is not None and x_rep.shape != x.shape:
     raise ValueError(f"patch_rand_drop: x_rep shape {x_rep.shape} != x shape "
                      f"{x.shape}")
-  spatial, cfg = _drop_cfg(x, max_drop, max_block_sz, tolr, max_boxes)
+  spatial, cfg = drop_config(x, max_drop, max_block_sz, tolr, max_boxes)
   keys = jax.random.split(key, x.shape[0])
-  idx, volume = jax.vmap(lambda k: _box_index(k, spatial, cfg))(keys)
-  return _apply(keys, x, x_rep, idx, volume)
-
-
-def rot_rand(key: Array, x: Array,
-             axes: tuple[int, int] = (1, 2)) -> tuple[Array, Array]:
-  """Rotates each sample by k * 90 degrees, k ~ U{0, 1, 2, 3}.
-
-  With the default axes (1, 2) of [B, H, W, D, C] this is the H-W plane and
-  sample i equals `torch.rot90(v, k_i, (1, 2))` of its (C, H, W, D) layout v
-  (the paper's Stage 1 pretraining). The released reference code rotates (C, H, W, D) dims
-  (2, 3), the W-D plane: pass axes=(2, 3) to reproduce it.
-
-  Args:
-    key: PRNG key.
-    x: [B, H, W, D, C]; the two rotated dims must have equal size.
-    axes: the two axes of x spanning the rotation plane (1, 2 or 3).
-
-  Returns:
-    (x_rot, labels): x_rot of x's shape and dtype, labels [B] int32 = k.
-  """
-  _check_batch("rot_rand", x)
-  a, b = axes
-  if sorted((a, b)) not in ([1, 2], [1, 3], [2, 3]):
-    raise ValueError(f"rot_rand: axes must be two spatial axes of [B, H, W, "
-                     f"D, C] (1, 2 or 3), got {axes}")
-  if x.shape[a] != x.shape[b]:
-    raise ValueError(
-        f"rot_rand: 90-degree rotation in the plane of axes {axes} needs equal "
-        f"sizes, got {x.shape[a]} and {x.shape[b]} (x shape {x.shape})")
-  labels = jax.random.randint(key, (x.shape[0],), 0, 4, dtype=jnp.int32)
-  k = labels.reshape((-1, 1, 1, 1, 1))
-  out = x
-  # Select among the four rotations: elementwise, so it stays local to the
-  # device holding each sample under batch sharding.
-  for quarter in (1, 2, 3):
-    out = jnp.where(k == quarter, jnp.rot90(x, quarter, axes=(a, b)), out)
-  return out, labels
-
-
-def draw_partners(key: Array, bsz: int, group: int,
-                  valid: Array | None = None) -> Array:
-  """Swap partner of each sample: [B // group, group] indices within a group.
-
-  Without `valid`, partner ~ U{0 .. group - 1} (the reference rule). With a
-  [B] bool `valid` (False for padding), partners are drawn among the valid
-  members of the group only: rank r ~ U{0 .. n_valid - 1}, partner = the r-th
-  valid member. So padded samples are never swap sources, and a valid
-  sample's partner depends only on the valid samples before it: neither the
-  content nor the number of padded samples changes it (with valid samples
-  first, as the eval pipeline pads, and the partitionable threefry PRNG,
-  whose draws for index i do not depend on the batch size). With every
-  sample valid this is exactly the unmasked draw.
-  """
-  shape = (bsz // group, group)
-  if valid is None:
-    return jax.random.randint(key, shape, 0, group)
-  v = jnp.asarray(valid).astype(bool).reshape(shape)
-  n_valid = jnp.sum(v, axis=1, keepdims=True)
-  rank = jax.random.randint(key, shape, 0, jnp.maximum(n_valid, 1))
-  order = jnp.cumsum(v, axis=1) - 1  # rank of each valid member
-  hit = v[:, None, :] & (order[:, None, :] == rank[:, :, None])  # [G, g, g]
-  return jnp.argmax(hit, axis=-1).astype(rank.dtype)
-
-
-def aug_rand(key: Array, x: Array, *, group_size: int | None = None,
-             max_drop: float = 0.3, max_block_sz: float = 0.25,
-             tolr: float = 0.05, max_boxes: int | None = None,
-             valid: Array | None = None) -> Array:
-  """Reference `aug_rand`: a noise drop, then maybe a swap drop, per sample.
-
-  Sample i draws a partner j uniformly from its group (possibly itself); if
-  j != i, boxes of the noise-dropped partner are copied into it by a second
-  drop (the reference skips the swap when j == i). See the module docstring
-  for the one deviation (swap source). With k_noise, k_partner, k_swap =
-  `jax.random.split(key, 3)`, the result equals
-  `patch_rand_drop(k_swap, noised, partners)` where the swap applies, else
-  `noised = patch_rand_drop(k_noise, x)`.
-
-  Args:
-    key: PRNG key.
-    x: [B, H, W, D, C] volumes.
-    group_size: partners are drawn within consecutive groups of this size
-      (B must be divisible by it). None: the whole batch. Set it to the
-      per-device batch to keep the swap device-local and match the reference,
-      which draws partners among one GPU's samples.
-    max_drop, max_block_sz, tolr, max_boxes: see `patch_rand_drop`.
-    valid: optional [B] bool, False for padding samples (eval batches): they
-      are never swap partners, see `draw_partners`. None: all valid.
-
-  Returns:
-    Array of x's shape and dtype.
-  """
-  _check_batch("aug_rand", x)
-  bsz = x.shape[0]
-  group = bsz if group_size is None else int(group_size)
-  if group < 1 or bsz % group:
-    raise ValueError(f"aug_rand: batch {bsz} (x shape {x.shape}) is not "
-                     f"divisible by group_size {group_size}")
-  spatial, cfg = _drop_cfg(x, max_drop, max_block_sz, tolr, max_boxes)
-  k_noise, k_partner, k_swap = jax.random.split(key, 3)
-  keys = jnp.stack([jax.random.split(k_noise, bsz),
-                    jax.random.split(k_swap, bsz)])
-  # Both drops' boxes in one vmapped computation (one copy in the program).
-  idx, volume = jax.vmap(jax.vmap(lambda k: _box_index(k, spatial, cfg)))(keys)
-  noised = _apply(keys[0], x, None, idx[0], volume[0])
-  partner = draw_partners(k_partner, bsz, group, valid)
-  grouped = noised.reshape((bsz // group, group) + x.shape[1:])
-  source = jax.vmap(lambda g, j: g[j])(grouped, partner).reshape(x.shape)
-  do_swap = (partner != jnp.arange(group)[None, :]).reshape((bsz, 1, 1, 1))
-  idx_swap = jnp.where(do_swap, idx[1], -1)
-  return _apply(keys[1], noised, source, idx_swap, volume[1])
-
-
-def make_views(key: Array, x: Array, *, group_size: int | None = None,
-               rot_axes: tuple[int, int] = (1, 2), max_drop: float = 0.3,
-               max_block_sz: float = 0.25, tolr: float = 0.05,
-               max_boxes: int | None = None, valid: Array | None = None
-               ) -> tuple[Array, Array, Array, Array]:
-  """The two-view recipe: view_i = aug_rand(rot_rand(x)).
-
-  Feed view1 and view2 through the SSL model, then call
-  `bsf_jax.step.losses.ssl_loss(concat([rot1, rot2]), rot_labels, z1, z2,
-  concat([rec1, rec2]), rotated_targets)`.
-
-  View v (0 or 1) uses k_v = `jax.random.split(key, 2)[v]`, split again into
-  (rotation key, augmentation key): view v equals
-  `aug_rand(k_aug, rot_rand(k_rot, x)[0])`. The two views run as one vmapped
-  program, which halves compile time and keeps samples on their devices.
-
-  Args:
-    key: PRNG key (fold in the step).
-    x: [B, H, W, D, C] input crops.
-    group_size: swap-partner groups, see `aug_rand`.
-    rot_axes: rotation plane, see `rot_rand`.
-    max_drop, max_block_sz, tolr, max_boxes: see `patch_rand_drop`.
-    valid: optional [B] bool marking real samples; padding (False) is never
-      copied into a real sample's view, see `aug_rand`.
-
-  Returns:
-    (view1 [B, ...], view2 [B, ...], rot_labels [2B] int32,
-    rotated_targets [2B, ...]): labels and targets are view-1 samples first,
-    then view-2 samples; targets are the rotated, un-augmented volumes.
-  """
-  _check_batch("make_views", x)
-  kw = dict(group_size=group_size, max_drop=max_drop,
-            max_block_sz=max_block_sz, tolr=tolr, max_boxes=max_boxes,
-            valid=valid)
-
-  def one_view(k):
-    k_rot, k_aug = jax.random.split(k)
-    rotated, labels = rot_rand(k_rot, x, rot_axes)
-    return aug_rand(k_aug, rotated, **kw), labels, rotated
-
-  views, labels, rotated = jax.vmap(one_view)(jax.random.split(key, 2))
-  return (views[0], views[1], labels.reshape(-1),
-          rotated.reshape((-1,) + x.shape[1:]))
-
-
-class SegDraw(NamedTuple):
-  """One sample's fine-tuning augmentation.
-
-  Attributes:
-    flip: [3] bool, flip spatial axis a (H, W, D) of the sample.
-    scale: float32 scalar, the intensity factor 1 + U(-factor, factor).
-    shift: float32 scalar, the intensity offset U(-offset, offset).
-  """
-  flip: Array
-  scale: Array
-  shift: Array
-
-
-def draw_seg(key: Array, *, flip_prob: float = 0.5, factor: float = 0.1,
-             offset: float = 0.1) -> SegDraw:
-  """Draws one sample's flips, scale and shift from its own key."""
-  k_flip, k_scale, k_shift = jax.random.split(key, 3)
-  flip = jax.random.uniform(k_flip, (3,), jnp.float32) < flip_prob
-  scale = 1.0 + jax.random.uniform(k_scale, (), jnp.float32, -factor, factor)
-  shift = jax.random.uniform(k_shift, (), jnp.float32, -offset, offset)
-  return SegDraw(flip, scale, shift)
-
-
-def apply_seg(draw: SegDraw, image: Array,
-              label: Array | None = None) -> tuple[Array, Array | None]:
-  """Flips image [H, W, D, C] (and label [H, W, D, K]), then scales and
-  shifts the image's intensities: (flip(x)) * scale + shift."""
-  for axis in range(3):
-    image = jnp.where(draw.flip[axis], jnp.flip(image, axis), image)
-    if label is not None:
-      label = jnp.where(draw.flip[axis], jnp.flip(label, axis), label)
-  image = image * draw.scale.astype(image.dtype) + draw.shift.astype(image.dtype)
-  return image, label
-
-
-def seg_augment(keys: Array, image: Array, label: Array | None = None,
-                **draw_kw) -> tuple[Array, Array | None]:
-  """Fine-tuning augmentation of a batch, sample i drawn from keys[i].
-
-  Args:
-    keys: [B] PRNG keys, one per sample (`sharding.row_keys` keys them by
-      the sample's index in the global batch).
-    image: [B, H, W, D, C] crops.
-    label: [B, H, W, D, K] label channels flipped with their image, or None.
-    **draw_kw: flip_prob, factor, offset (`draw_seg`).
-
-  Returns:
-    (image, label) of the input shapes and dtypes.
-  """
-  _check_batch("seg_augment", image)
-  draws = jax.vmap(lambda k: draw_seg(k, **draw_kw))(keys)
-  if label is None:
-    return jax.vmap(lambda d, x: apply_seg(d, x)[0])(draws, image), None
-  return jax.vmap(apply_seg)(draws, image, label)
+  idx, volume = jax.vmap(lambda k: box_index(k, spatial, cfg))(keys)
+  return fill_boxes(keys, x, x_rep, idx, volume)

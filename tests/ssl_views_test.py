@@ -1,4 +1,5 @@
-"""Tests for bsf_jax.step.augment: reference statistics, exactness, determinism."""
+"""Tests for bsf_jax.step.patch_drop and bsf_jax.step.ssl_views: reference
+statistics, exactness, determinism."""
 
 import functools
 
@@ -9,7 +10,7 @@ from scipy import stats
 import jax
 import jax.numpy as jnp
 
-from bsf_jax.step import augment
+from bsf_jax.step import patch_drop, ssl_views
 from bsf_jax.reference import augment as ref
 
 # Monte Carlo comparisons use two-sample KS tests with fixed seeds. The family
@@ -22,14 +23,8 @@ N_KS_TESTS = len(MC_SHAPES) * 9 + 3 * 3 + 1
 ALPHA = 0.01 / N_KS_TESTS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  # As in the flax example tests: XLA's optimisation passes dominate the run
-  # time of these small programs on CPU. Restored after this module.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+# Small programs: compile them fast (conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _ks(a, b, what):
@@ -73,7 +68,7 @@ def _draw_stats(box_lists, shape):
 @functools.lru_cache(maxsize=None)
 def _sampled(shape):
   keys = jax.random.split(jax.random.key(1234), N_DRAWS)
-  fn = jax.jit(jax.vmap(lambda k: augment.sample_boxes(k, shape)))
+  fn = jax.jit(jax.vmap(lambda k: patch_drop.sample_boxes(k, shape)))
   return jax.tree.map(np.asarray, fn(keys))
 
 
@@ -104,7 +99,7 @@ def test_last_box_index_is_reference_painting():
   shape = MC_SHAPES[1]
   boxes = _sampled(shape)
   lists = _jax_box_lists(boxes)
-  fn = jax.jit(lambda b: augment.last_box_index(b, shape))
+  fn = jax.jit(lambda b: patch_drop.last_box_index(b, shape))
   for i in range(12):
     one = jax.tree.map(lambda a: a[i], boxes)
     got = np.asarray(fn(one))
@@ -119,9 +114,9 @@ def test_noise_fill_marginal_matches_reference(n):
   count = 3000
   k_ext, k_u = jax.random.split(jax.random.key(n))
   nn = jnp.full((count,), float(n))
-  lo, hi = augment.box_noise_extremes(k_ext, nn)
+  lo, hi = patch_drop.box_noise_extremes(k_ext, nn)
   u = jax.random.uniform(k_u, (count,))
-  got = np.asarray(augment.normalised_noise(u, nn, lo, hi))
+  got = np.asarray(patch_drop.normalised_noise(u, nn, lo, hi))
   rng = np.random.default_rng(n)
   g = rng.standard_normal((count, n))
   gmin, gmax = g.min(1), g.max(1)
@@ -143,7 +138,7 @@ def test_aug_rand_changed_fraction_matches_reference():
     x = rng.normal(size=(g,) + shape).astype(np.float32)
     theirs.extend((ref.aug_rand(rng, x) != x).mean(axis=(1, 2, 3, 4)))
   x = _batch(12, (groups * g, 24, 24, 24, 1))
-  out = jax.jit(functools.partial(augment.aug_rand, group_size=g))(
+  out = jax.jit(functools.partial(ssl_views.aug_rand, group_size=g))(
       jax.random.key(13), x)
   mine = (np.asarray(out) != np.asarray(x)).mean(axis=(1, 2, 3, 4))
   _ks(mine, np.array(theirs), "aug_rand changed fraction")
@@ -151,19 +146,19 @@ def test_aug_rand_changed_fraction_matches_reference():
 
 def test_default_max_boxes_values():
   # Values quoted in docs/ssl.md.
-  assert augment.default_max_boxes((32, 32, 32)) == 273
-  assert augment.default_max_boxes((96, 96, 96)) == 195
+  assert patch_drop.default_max_boxes((32, 32, 32)) == 273
+  assert patch_drop.default_max_boxes((96, 96, 96)) == 195
   with pytest.raises(ValueError, match="spatial dim 2 of size 4"):
-    augment.default_max_boxes((32, 32, 4))
+    patch_drop.default_max_boxes((32, 32, 4))
 
 
 # One batch shape and one set of jitted functions for all the batch tests:
 # compilation dominates their run time on CPU.
 X_SHAPE = (4, 16, 16, 16, 2)
 GROUP = 2
-_drop = jax.jit(augment.patch_rand_drop)
-_aug = jax.jit(functools.partial(augment.aug_rand, group_size=GROUP))
-_views = jax.jit(functools.partial(augment.make_views, group_size=GROUP))
+_drop = jax.jit(patch_drop.patch_rand_drop)
+_aug = jax.jit(functools.partial(ssl_views.aug_rand, group_size=GROUP))
+_views = jax.jit(functools.partial(ssl_views.make_views, group_size=GROUP))
 
 
 def _batch(seed, shape=X_SHAPE):
@@ -206,7 +201,7 @@ def test_determinism_keys_jit_and_dtype():
   assert not np.array_equal(a[2], c[2]) or not np.array_equal(a[1], c[1])
   # The jitted pipeline equals its jitted parts composed by hand.
   kr1, ka1 = jax.random.split(jax.random.split(k1, 2)[0])
-  rot = jax.jit(augment.rot_rand)
+  rot = jax.jit(ssl_views.rot_rand)
   x1, l1 = rot(kr1, x)
   np.testing.assert_allclose(a[0], _aug(ka1, x1), rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(a[2][:X_SHAPE[0]], l1)
@@ -220,7 +215,7 @@ def test_determinism_keys_jit_and_dtype():
 def test_rot_rand_matches_torch_rot90(axes, dims):
   torch = pytest.importorskip("torch")
   x = _batch(2, (8, 6, 6, 6, 2))
-  rot, labels = jax.jit(augment.rot_rand, static_argnums=2)(
+  rot, labels = jax.jit(ssl_views.rot_rand, static_argnums=2)(
       jax.random.key(3), x, axes)
   assert set(np.asarray(labels).tolist()) == {0, 1, 2, 3}
   xt = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy())
@@ -236,9 +231,9 @@ def test_rot_rand_matches_torch_rot90(axes, dims):
 
 def test_rot_rand_rejects_non_square_plane():
   with pytest.raises(ValueError, match="equal sizes, got 8 and 6"):
-    augment.rot_rand(jax.random.key(0), jnp.zeros((1, 8, 6, 6, 1)))
+    ssl_views.rot_rand(jax.random.key(0), jnp.zeros((1, 8, 6, 6, 1)))
   with pytest.raises(ValueError, match=r"\[B, H, W, D, C\]"):
-    augment.rot_rand(jax.random.key(0), jnp.zeros((8, 6, 6, 1)))
+    ssl_views.rot_rand(jax.random.key(0), jnp.zeros((8, 6, 6, 1)))
 
 
 def test_aug_rand_swaps_within_groups():
@@ -259,26 +254,26 @@ def test_aug_rand_swaps_within_groups():
       seen_plain |= foreign.size == 0
   assert seen_swap and seen_plain
   with pytest.raises(ValueError, match="not divisible by group_size 3"):
-    augment.aug_rand(jax.random.key(0), x, group_size=3)
+    ssl_views.aug_rand(jax.random.key(0), x, group_size=3)
 
 
 def test_partners_skip_padding_and_ignore_its_amount():
   key = jax.random.key(3)
   # All valid: the masked draw is the reference draw, bit for bit.
   np.testing.assert_array_equal(
-      augment.draw_partners(key, 8, 4, jnp.ones(8, bool)),
-      augment.draw_partners(key, 8, 4))
+      ssl_views.draw_partners(key, 8, 4, jnp.ones(8, bool)),
+      ssl_views.draw_partners(key, 8, 4))
   valid = np.array([True, True, True, False, False, False, False, False])
   seen = set()
   for seed in range(20):
     k = jax.random.key(seed)
-    p = np.asarray(augment.draw_partners(k, 8, 8, valid))[0]
+    p = np.asarray(ssl_views.draw_partners(k, 8, 8, valid))[0]
     assert valid[p[:3]].all(), (seed, p)  # real samples pair with real ones
     seen |= set(p[:3].tolist())
     # Real samples first, then padding: the same partners whatever the amount.
     for bsz in (4, 16):
       more = np.arange(bsz) < 3
-      q = np.asarray(augment.draw_partners(k, bsz, bsz, more))[0]
+      q = np.asarray(ssl_views.draw_partners(k, bsz, bsz, more))[0]
       np.testing.assert_array_equal(q[:3], p[:3])
   assert seen == {0, 1, 2}  # every real sample is drawn
   # Views of the real samples do not see the padding's content; without the
@@ -286,14 +281,14 @@ def test_partners_skip_padding_and_ignore_its_amount():
   x = np.asarray(_batch(5, (8, 16, 16, 16, 2)))
   y = x.copy()
   y[3:] = 7.0
-  masked = jax.jit(functools.partial(augment.make_views, valid=valid))
+  masked = jax.jit(functools.partial(ssl_views.make_views, valid=valid))
   leaked = False
   for seed in range(3):
     k = jax.random.key(seed)
     a, b = masked(k, x), masked(k, y)
     for view in (0, 1):
       np.testing.assert_array_equal(a[view][:3], b[view][:3])
-    a, b = augment.make_views(k, x), augment.make_views(k, y)
+    a, b = ssl_views.make_views(k, x), ssl_views.make_views(k, y)
     leaked |= any(not np.array_equal(a[v][:3], b[v][:3]) for v in (0, 1))
   assert leaked
 
