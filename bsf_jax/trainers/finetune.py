@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
