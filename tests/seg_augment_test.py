@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from scipy import stats
 
 from bsf_jax.step import seg_augment, sharding
-from bsf_jax.run import checkpointing, config_lib
+from bsf_jax.run import checkpointing, config_lib, kinds
 from bsf_jax import models
 from bsf_jax.data import demo, pipeline
 from bsf_jax.data import transforms as T
@@ -192,7 +192,7 @@ def _train(brats, workdir, steps):
   mesh = sharding.create_mesh(config.mesh)
   model = models.from_config(config, devices=list(mesh.devices.flat))
   job = loop.Job(model=model, loss_fn=finetune.make_loss_fn(model, config.seg, True),
-                 task="seg", evaluate=None, best_metric="val_dice_mean", best_mode="max")
+                 kind=kinds.SEG, evaluate=None)
   loop.run(config, workdir, job, mesh)
   params, _, step = checkpointing.restore_params(workdir, "latest")
   return step, {jax.tree_util.keystr(p): np.asarray(x)

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from bsf_jax.run import kinds
 from bsf_jax.step import optim, sharding, train_state, train_step
 
 ROI = 8
@@ -223,8 +224,7 @@ def _preflight_job():
     pred = model.apply({"params": params}, batch["image"])
     return jnp.mean(pred**2), {}
 
-  job = loop.Job(model=model, loss_fn=loss_fn, task="ssl", evaluate=None,
-                 best_metric="val_loss", best_mode="min")
+  job = loop.Job(model=model, loss_fn=loss_fn, kind=kinds.SSL, evaluate=None)
   return config, job
 
 

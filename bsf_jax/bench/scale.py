@@ -149,20 +149,19 @@ def compile_step(config, mesh):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from bsf_jax import models  # pylint: disable=g-import-not-at-top
-  from bsf_jax.run import preflight
-  from bsf_jax.step import ssl_step
+  from bsf_jax.step import ssl_step, train_step
   from bsf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from bsf_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
 
   model = models.from_config(config, devices=list(mesh.devices.flat))
   if config.trainer == "pretrain":
-    task, loss_fn = "ssl", ssl_step.make_loss_fn(
+    labelled, loss_fn = False, ssl_step.make_loss_fn(
         model, config.ssl, jnp.dtype(config.model.dtype))
   else:
-    task, loss_fn = "seg", finetune.make_loss_fn(
+    labelled, loss_fn = True, finetune.make_loss_fn(
         model, config.seg, pipeline.seg_augmentation(config.data) == "device")
-  compiled, abstract, _, _ = preflight.compile_step(
-      config, model, loss_fn, task, mesh, jax.random.key(0))
+  compiled, abstract, _, _ = train_step.compile_step(
+      config, model, loss_fn, labelled, mesh, jax.random.key(0))
   return compiled, abstract
 
 

@@ -1,8 +1,9 @@
 """Memory pre-flight: does the compiled train step fit on the devices?
 
 Every run (and `--dry_run`) compiles its train step for the real mesh before
-any data is read or any checkpoint is opened (`trainers/loop.py`), then
-compares XLA's per-device memory for the program with the device's capacity.
+any data is read or any checkpoint is opened (`train_step.compile_step`,
+called by `trainers/loop.py`); this module only measures that program:
+it compares XLA's per-device memory for the program with the device's capacity.
 A step that cannot fit stops there, with the ways out, instead of failing
 with an out-of-memory error after the data loaders started and a resume was
 restored. The compiled step is the one the run then executes.
@@ -24,8 +25,6 @@ from typing import Any
 
 import jax
 import numpy as np
-
-from bsf_jax.run import kinds
 
 
 class DoesNotFitError(RuntimeError):
@@ -53,47 +52,6 @@ def memory(compiled: Any) -> dict[str, int] | None:
              alias=int(m.alias_size_in_bytes))
   out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
   return out
-
-
-def batch_spec(config: Any, task: str, sharding: Any) -> dict[str, Any]:
-  """The train batch as `jax.ShapeDtypeStruct`s (`make_train_iter`'s output).
-
-  Args:
-    config: the run's config.
-    task: "ssl" ({"image"}) or "seg" ({"image", "label"}).
-    sharding: the batch's sharding (`sharding.data_sharding(mesh)`).
-  """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  b, roi = config.data.batch_size, tuple(config.data.roi)
-  spec = {"image": jax.ShapeDtypeStruct(
-      (b, *roi, len(config.data.modalities)), jnp.float32, sharding=sharding)}
-  if kinds.of_task(task).labelled:
-    spec["label"] = jax.ShapeDtypeStruct(
-        (b, *roi, config.model.out_channels), jnp.float32, sharding=sharding)
-  return spec
-
-
-def compile_step(config: Any, model: Any, loss_fn: Any, task: str,
-                 mesh: Any, rng: jax.Array):
-  """Compiles a run's train step from abstract state and batch (no data).
-
-  Args:
-    config: the run's config.
-    model: the flax module.
-    loss_fn: its per-device loss (`train_step.make_train_step`).
-    task: "ssl" or "seg".
-    mesh: the run's mesh.
-    rng: the step key the run passes.
-
-  Returns:
-    (compiled step, abstract state, state shardings, optimizer).
-  """
-  # pylint: disable=g-import-not-at-top
-  from bsf_jax.step import sharding, train_step
-  step, abstract, state_sharding, optimizer = train_step.build(config, model, loss_fn, mesh)
-  batch = batch_spec(config, task, sharding.data_sharding(mesh))
-  compiled = step.lower(abstract, batch, rng).compile()
-  return compiled, abstract, state_sharding, optimizer
 
 
 def _gib(n: int) -> str:

@@ -200,3 +200,44 @@ def build(config: Any, model: Any, loss_fn: LossFn, mesh: Mesh):
   step = make_train_step(loss_fn, optimizer, mesh, state_sharding,
                          nonfinite=config.train.nonfinite)
   return step, abstract, state_sharding, optimizer
+
+
+def batch_spec(config: Any, labelled: bool, sharding: Any) -> dict[str, Any]:
+  """The train batch as `jax.ShapeDtypeStruct`s (`make_train_iter`'s output).
+
+  Args:
+    config: the run's config.
+    labelled: whether batches carry a "label" (segmentation) or not (SSL).
+    sharding: the batch's sharding (`sharding.data_sharding(mesh)`).
+  """
+  b, roi = config.data.batch_size, tuple(config.data.roi)
+  spec = {"image": jax.ShapeDtypeStruct(
+      (b, *roi, len(config.data.modalities)), jnp.float32, sharding=sharding)}
+  if labelled:
+    spec["label"] = jax.ShapeDtypeStruct(
+        (b, *roi, config.model.out_channels), jnp.float32, sharding=sharding)
+  return spec
+
+
+def compile_step(config: Any, model: Any, loss_fn: LossFn, labelled: bool,
+                 mesh: Mesh, rng: jax.Array):
+  """Compiles a run's train step from abstract state and batch (no data).
+
+  What a run executes, compiled before any data is read or a checkpoint
+  opened, so that `run/preflight.py` can measure it first.
+
+  Args:
+    config: the run's config.
+    model: the flax module.
+    loss_fn: its per-device loss (module docstring).
+    labelled: whether batches carry a "label".
+    mesh: the run's mesh.
+    rng: the step key the run passes.
+
+  Returns:
+    (compiled step, abstract state, state shardings, optimizer).
+  """
+  step, abstract, state_sharding, optimizer = build(config, model, loss_fn, mesh)
+  batch = batch_spec(config, labelled, sharding.data_sharding(mesh))
+  compiled = step.lower(abstract, batch, rng).compile()
+  return compiled, abstract, state_sharding, optimizer

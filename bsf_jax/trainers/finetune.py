@@ -98,6 +98,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   on_device = pipeline.seg_augmentation(config.data) == "device"
   job = loop.Job(model=model, loss_fn=make_loss_fn(model, config.seg, on_device),
-                 task=kinds.SEG.task, evaluate=evaluate, best_metric=kinds.SEG.best_metric,
-                 best_mode=kinds.SEG.best_mode)
+                 kind=kinds.SEG, evaluate=evaluate)
   return loop.run(config, workdir, job, mesh)

@@ -23,13 +23,12 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bsf_jax.run import checkpointing, config_lib, metric_writers
-from bsf_jax.infer import contract as contract_lib
-from bsf_jax.run import preflight
-from bsf_jax.step import sharding, train_state
-from bsf_jax.weights import transfer
-from bsf_jax.run import workdir_lock
 from bsf_jax.data import datalists, pipeline
+from bsf_jax.infer import contract as contract_lib
+from bsf_jax.run import checkpointing, config_lib, kinds, metric_writers, preflight, workdir_lock
+from bsf_jax.step import sharding, train_state
+from bsf_jax.step import train_step as train_step_lib
+from bsf_jax.weights import transfer
 
 
 class NonFiniteError(RuntimeError):
@@ -43,19 +42,17 @@ class Job:
   Attributes:
     model: the flax module being trained.
     loss_fn: `(params, batch, rng) -> (loss, metrics)`, see train_step.py.
-    task: "ssl" or "seg" (selects the data pipeline).
+    kind: the kind of run (`kinds.SSL` or `kinds.SEG`): its data pipeline,
+      whether batches are labelled, and the metric of `evaluate`'s output
+      that ranks checkpoints.
     evaluate: `(params, step) -> dict of floats` with validation metrics
       (host values), or None.
-    best_metric: key of `evaluate`'s output that ranks checkpoints.
-    best_mode: "min" or "max".
     images: optional `(params, step) -> dict name -> [N,H,W,C] images`.
   """
   model: Any
   loss_fn: Callable[..., Any]
-  task: str
+  kind: kinds.RunKind
   evaluate: Callable[[Any, int], dict[str, float]] | None
-  best_metric: str
-  best_mode: str
   images: Callable[[Any, int], dict[str, np.ndarray]] | None = None
 
 
@@ -134,8 +131,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, job: Job,
   # cannot fit stops here (preflight.py). The run executes this program.
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  train_step, abstract, _, optimizer = preflight.compile_step(
-      config, job.model, job.loss_fn, job.task, mesh, step_rng)
+  train_step, abstract, _, optimizer = train_step_lib.compile_step(
+      config, job.model, job.loss_fn, job.kind.labelled, mesh, step_rng)
   preflight_report = preflight.check(train_step, mesh.devices.flat[0], config)
   for line in preflight_report:
     logging.info("%s", line)
@@ -145,13 +142,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, job: Job,
     # process (and every evaluation) reads it from there.
     config.data.datalist = datalists.run_datalist(config.data, workdir)
   train_iter = pipeline.make_train_iter(
-      config.data, task=job.task, seed=config.seed)
+      config.data, task=job.kind.task, seed=config.seed)
 
   # --- Checkpoints.
   manager = checkpointing.make_manager(
       workdir, keep_last=config.train.keep_last,
-      keep_best=config.train.keep_best, best_metric=job.best_metric,
-      best_mode=job.best_mode)
+      keep_best=config.train.keep_best, best_metric=job.kind.best_metric,
+      best_mode=job.kind.best_mode)
   meta = dict(contract=contract,
               inference=contract_lib.inference_settings(config))
   step0 = checkpointing.newest_step_checked(manager, contract)

@@ -64,8 +64,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         ("input", "augmented", "reconstruction"),
         (mid_slice(np.asarray(a)) for a in _preview(params, x, eval_key)))}
 
-  job = loop.Job(model=model, loss_fn=loss_fn, task=kinds.SSL.task, evaluate=evaluate,
-                 best_metric=kinds.SSL.best_metric, best_mode=kinds.SSL.best_mode,
+  job = loop.Job(model=model, loss_fn=loss_fn, kind=kinds.SSL, evaluate=evaluate,
                  images=images)
   return loop.run(config, workdir, job, mesh)
 
