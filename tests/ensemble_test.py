@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bsf_jax.infer import inference, postprocess
+from bsf_jax.infer import inference, postprocess, sliding_window
 
 IMAGE, ROI, C_IN = (20, 17, 13), (8, 8, 8), 2
 
@@ -86,7 +86,7 @@ def _numpy_mirror_loop(models_params, image, config, flips):
   for model, params in models_params:
     for axes in flips:
       flipped = np.flip(x, axes).copy() if axes else x
-      logits = np.asarray(inference.sliding_window_inference(
+      logits = np.asarray(sliding_window.sliding_window_inference(
           jnp.asarray(flipped)[None], config.data.roi, model.apply,
           overlap=config.seg.sw_overlap, mode=config.seg.sw_mode,
           sw_batch_size=config.seg.sw_batch_size,

@@ -12,7 +12,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from bsf_jax.infer import inference
+from bsf_jax.infer import sliding_window
 
 torch = pytest.importorskip("torch")
 monai = pytest.importorskip("monai")
@@ -73,18 +73,18 @@ def test_window_grid_matches_monai(image, roi, overlap):
   padded = tuple(max(i, r) for i, r in zip(image, roi))
   ov = overlap if isinstance(overlap, tuple) else (overlap,) * 3
   interval = _get_scan_interval(padded, roi, 3, ov)
-  assert inference.scan_interval(padded, roi, ov) == interval
+  assert sliding_window.scan_interval(padded, roi, ov) == interval
   expected = [tuple(s.start for s in sl)
               for sl in dense_patch_slices(padded, roi, interval)]
   got = [tuple(int(v) for v in row)
-         for row in inference.window_starts(padded, roi, ov)]
+         for row in sliding_window.window_starts(padded, roi, ov)]
   assert got == expected
 
 
 def test_window_grid_by_hand():
   # 10 voxels, roi 4, overlap 0.5 -> stride 2: starts 0, 2, 4, 6; the last
   # window ends exactly at 10. 7 voxels, roi 7: one window at 0.
-  got = inference.window_starts((10, 7, 5), (4, 7, 4), 0.5)
+  got = sliding_window.window_starts((10, 7, 5), (4, 7, 4), 0.5)
   # dim 3: 5 voxels, roi 4, stride 2 -> starts 0, then min(2, 1) = 1.
   expected = [(a, 0, c) for a in (0, 2, 4, 6) for c in (0, 1)]
   assert [tuple(r) for r in got.tolist()] == expected
@@ -94,8 +94,8 @@ def test_window_grid_by_hand():
                                        ((6, 6, 6), (0.1, 0.2, 0.4))])
 def test_gaussian_importance_map_matches_monai(roi, sigma):
   ref = compute_importance_map(roi, mode="gaussian", sigma_scale=sigma).numpy()
-  factors = inference.importance_map_1d(roi, "gaussian", sigma)
-  got = np.asarray(inference._importance_map(factors, jnp.float32))
+  factors = sliding_window.importance_map_1d(roi, "gaussian", sigma)
+  got = np.asarray(sliding_window._importance_map(factors, jnp.float32))
   np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
   # Clamping: the smallest weight is the corner product, at least 1e-3.
   assert got.min() >= 1e-3
@@ -118,7 +118,7 @@ def test_matches_monai(batch, image, roi, overlap, mode, sw):
   rng = np.random.default_rng(1)
   x = rng.normal(size=(batch, *image, C_IN)).astype(np.float32)
   ref = _monai(x, roi, overlap, mode, sw, p)
-  got = inference.sliding_window_inference(
+  got = sliding_window.sliding_window_inference(
       jnp.asarray(x), roi, jax_predictor, overlap=overlap, mode=mode,
       sw_batch_size=sw, predictor_args=(p,))
   assert got.shape == ref.shape == (batch, *image, K)
@@ -131,7 +131,7 @@ def test_padding_modes_match_monai(padding_mode):
   x = np.random.default_rng(3).normal(size=(1, 6, 10, 5, C_IN)).astype(
       np.float32)
   ref = _monai(x, (8, 8, 8), 0.5, "gaussian", 2, p, padding_mode=padding_mode)
-  got = inference.sliding_window_inference(
+  got = sliding_window.sliding_window_inference(
       jnp.asarray(x), (8, 8, 8), jax_predictor, overlap=0.5, mode="gaussian",
       sw_batch_size=2, padding_mode=padding_mode, predictor_args=(p,))
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
@@ -141,7 +141,7 @@ def test_constant_cval_and_identity_predictor():
   # With an identity predictor every blend returns the input exactly, whatever
   # the weights: a direct check of accumulation / division and of the crop.
   x = np.random.default_rng(4).normal(size=(2, 7, 9, 4, 3)).astype(np.float32)
-  got = inference.sliding_window_inference(
+  got = sliding_window.sliding_window_inference(
       jnp.asarray(x), (8, 4, 8), lambda w: w, overlap=0.6, mode="gaussian",
       sw_batch_size=3, cval=5.0)
   np.testing.assert_allclose(np.asarray(got), x, rtol=1e-6, atol=1e-6)
@@ -157,8 +157,8 @@ def test_sharded_windows_match_unsharded():
       size=(1, 20, 17, 13, C_IN)).astype(np.float32))
   kw = dict(overlap=0.5, mode="gaussian", sw_batch_size=devices.size,
             predictor_args=(p,))
-  ref = inference.sliding_window_inference(x, (8, 8, 8), jax_predictor, **kw)
-  got = inference.sliding_window_inference(x, (8, 8, 8), jax_predictor,
+  ref = sliding_window.sliding_window_inference(x, (8, 8, 8), jax_predictor, **kw)
+  got = sliding_window.sliding_window_inference(x, (8, 8, 8), jax_predictor,
                                            mesh=mesh, **kw)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5,
                              atol=1e-6)
@@ -172,9 +172,9 @@ def test_compiles_once_per_shape():
     return win[..., :1] * scale
 
   x = jnp.ones((1, 10, 10, 10, 2))
-  assert len(inference.window_starts((10, 10, 10), (6, 6, 6), 0.5)) == 27
+  assert len(sliding_window.window_starts((10, 10, 10), (6, 6, 6), 0.5)) == 27
   for scale in (1.0, 2.0):  # new traced args, same static config: no retrace
-    out = inference.sliding_window_inference(
+    out = sliding_window.sliding_window_inference(
         x, 6, predictor, sw_batch_size=4, predictor_args=(jnp.float32(scale),))
     np.testing.assert_allclose(np.asarray(out), scale)
   # Traced once each: the output-shape probe, the scan body (6 batches of 4)
@@ -190,7 +190,7 @@ def test_fewer_windows_than_the_batch_predicts_only_real_windows():
     seen.append(win.shape[0])
     return win[..., :1] * 3.0
 
-  out = inference.sliding_window_inference(jnp.ones((1, 6, 6, 6, 1)), 6, predictor,
+  out = sliding_window.sliding_window_inference(jnp.ones((1, 6, 6, 6, 1)), 6, predictor,
                                            sw_batch_size=4)
   np.testing.assert_allclose(np.asarray(out), 3.0)
   assert seen == [1, 1]  # the shape probe and the one real batch
@@ -199,21 +199,21 @@ def test_fewer_windows_than_the_batch_predicts_only_real_windows():
 def test_bad_arguments_raise_clearly():
   x = jnp.zeros((1, 8, 8, 8, 1))
   with pytest.raises(ValueError, match="overlap"):
-    inference.sliding_window_inference(x, 4, lambda w: w, overlap=1.0)
+    sliding_window.sliding_window_inference(x, 4, lambda w: w, overlap=1.0)
   with pytest.raises(ValueError, match="roi_size"):
-    inference.sliding_window_inference(x, (4, 4), lambda w: w)
+    sliding_window.sliding_window_inference(x, (4, 4), lambda w: w)
   with pytest.raises(ValueError, match="mode"):
-    inference.sliding_window_inference(x, 4, lambda w: w, mode="linear")
+    sliding_window.sliding_window_inference(x, 4, lambda w: w, mode="linear")
   with pytest.raises(ValueError, match="padding_mode"):
-    inference.sliding_window_inference(x, 4, lambda w: w, padding_mode="edge")
+    sliding_window.sliding_window_inference(x, 4, lambda w: w, padding_mode="edge")
   with pytest.raises(ValueError, match="channels-last"):
-    inference.sliding_window_inference(jnp.zeros((8, 8)), 4, lambda w: w)
+    sliding_window.sliding_window_inference(jnp.zeros((8, 8)), 4, lambda w: w)
   with pytest.raises(ValueError, match=r"\[n, \*roi, K\]"):
-    inference.sliding_window_inference(x, 4, lambda w: w[:, ::2])
+    sliding_window.sliding_window_inference(x, 4, lambda w: w[:, ::2])
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   if mesh.shape["data"] > 1:
     with pytest.raises(ValueError, match="multiple of mesh axis"):
-      inference.sliding_window_inference(x, 4, lambda w: w, mesh=mesh,
+      sliding_window.sliding_window_inference(x, 4, lambda w: w, mesh=mesh,
                                          sw_batch_size=mesh.shape["data"] + 1)
 
 
@@ -225,7 +225,7 @@ def test_flax_model_apply_as_predictor():
   x = jnp.asarray(np.random.default_rng(6).normal(size=(1, 11, 9, 7, 2)),
                   jnp.float32)
   variables = model.init(jax.random.key(0), x[:, :1, :1, :1])
-  got = inference.sliding_window_inference(
+  got = sliding_window.sliding_window_inference(
       x, (4, 4, 4), model.apply, overlap=0.5, mode="gaussian",
       predictor_args=(variables,))
   np.testing.assert_allclose(np.asarray(got), np.asarray(model.apply(
@@ -241,7 +241,7 @@ def test_sliding_window_runs_the_model_in_its_compute_dtype():
   f32, bf16 = models.SwinUNETR(**kw), models.SwinUNETR(dtype=jnp.bfloat16, **kw)
   x = jax.random.normal(jax.random.key(0), (1, 32, 32, 48, 1))
   params = jax.jit(f32.init)(jax.random.key(1), x[:, :, :, :32])["params"]
-  run = lambda model: jax.jit(lambda p: inference.sliding_window_inference(
+  run = lambda model: jax.jit(lambda p: sliding_window.sliding_window_inference(
       x, (32, 32, 32), model.apply, overlap=0.5, sw_batch_size=2,
       predictor_args=({"params": p},))).lower(params)
   lowered16 = run(bf16)

@@ -114,7 +114,7 @@ def main(argv: list[str]) -> int:
   from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
 
   from bsf_jax.weights import convert
-  from bsf_jax.infer import inference
+  from bsf_jax.infer import inference, sliding_window
   from bsf_jax.models import NUM_HEADS, SwinUNETR, decode_size
 
   volume = tuple(int(v) for v in args.volume.split(","))
@@ -148,7 +148,7 @@ def main(argv: list[str]) -> int:
 
   rng = np.random.default_rng(args.seed)
   x = rng.normal(size=(*volume, args.in_channels)).astype(np.float32)
-  n_win = len(inference.window_starts(
+  n_win = len(sliding_window.window_starts(
       tuple(max(v, r) for v, r in zip(volume, roi)), roi, args.overlap))
   mesh = None
   if args.shard:
