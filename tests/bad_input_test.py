@@ -306,14 +306,13 @@ def _zero_state(config):
   eval_shape: the structure is the real one and nothing is compiled.
   """
   import jax
-  from bsf_jax.infer import contract as contract_lib
   from bsf_jax import models
   from bsf_jax.step import optim, sharding, train_state
   mesh = sharding.create_mesh(config.mesh)
   model = models.from_config(config)
   optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
   shape = (config.data.batch_size, *config.data.roi,
-           contract_lib.in_channels(config))
+           len(config.data.modalities))
   abstract = jax.eval_shape(lambda key: train_state.create_train_state(
       model, optimizer, key, shape, mesh, fsdp=False)[0], jax.random.key(0))
   return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)

@@ -10,6 +10,7 @@ import pytest
 from bsf_jax.data import DataError
 from bsf_jax.data import check
 from bsf_jax.data import io
+from bsf_jax.data import crops
 from bsf_jax.data import pipeline
 
 SHAPE = (20, 18, 16)
@@ -79,7 +80,7 @@ def _cfg(**kw):
                                   "labels", "empty"])
 def test_bad_record_raises_data_error_naming_file(bad_records, case):
   record, expected = bad_records[case]
-  spec = pipeline._Spec.from_config(_cfg(), "seg")
+  spec = pipeline.crop_spec(_cfg(), "seg")
   with pytest.raises(DataError) as info:  # load + crop of one record
     pipeline.TrainTransform(spec, augment=True).random_map(record, np.random.default_rng(0))
   msg = str(info.value)
@@ -96,14 +97,14 @@ def test_skip_drops_bad_records_and_counts(tmp_path, bad_records):
   rng = np.random.default_rng(1)
   good = [_subject(str(tmp_path), f"good{i}", rng) for i in range(2)]
   records = good + [r for r, _ in bad_records.values()]
-  before = pipeline.SKIPPED["count"]
+  before = crops.SKIPPED["count"]
   it = pipeline.make_train_iter(_cfg(on_error="skip", batch_size=2), task="seg", seed=0,
                                 process_index=0, process_count=1, records=records)
   for _ in range(4):
     batch = next(it)
     assert batch["image"].shape == (2, 16, 16, 16, 2)
     assert np.isfinite(batch["image"]).all()
-  assert pipeline.SKIPPED["count"] - before >= len(bad_records)
+  assert crops.SKIPPED["count"] - before >= len(bad_records)
   # Eval keeps its length: a bad record becomes a masked placeholder.
   ev = list(pipeline.make_eval_iter(_cfg(on_error="skip"), task="seg", process_index=0,
                                     process_count=1, records=good + [bad_records["nan"][0]]))

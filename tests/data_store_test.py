@@ -15,6 +15,7 @@ from bsf_jax.data import DataError
 from bsf_jax.data import datalists
 from bsf_jax.data import demo
 from bsf_jax.data import io
+from bsf_jax.data import crops
 from bsf_jax.data import pipeline
 from bsf_jax.data import prepare
 from bsf_jax.data import store
@@ -188,8 +189,8 @@ def test_refuses_a_store_changed_after_it_was_written(cohort, stores, tmp_path):
   shutil.copytree(stores["s1"], copy)  # a copy keeps the crc32 (content, not mtime)
   cfg = _with_store(stage1(cohort), copy)
   records = store.load_datalist(cfg)[0]
-  assert pipeline.store_crops(records[0], np.random.default_rng(0),
-                              pipeline._Spec.from_config(cfg, "ssl"), False)["image"].size
+  assert crops.store_crops(records[0], np.random.default_rng(0),
+                              pipeline.crop_spec(cfg, "ssl"), False)["image"].size
   path = store.array_path(str(copy), records[1]["store"]["name"], "image")
   data = bytearray(open(path, "rb").read())
   data[len(data) // 2] ^= 0xFF
@@ -250,11 +251,11 @@ def test_prepare_in_parallel_resumes_verified_and_skips_a_bad_file(cohort, tmp_p
   assert "\n" not in str(e.value)
   skip = _with_store(cfg, out)
   skip.val_fraction = 0.0
-  before = pipeline.SKIPPED["count"]
+  before = crops.SKIPPED["count"]
   it = pipeline.make_train_iter(skip, task="ssl", seed=0, process_index=0, process_count=1)
   for _ in range(6):
     assert next(it)["image"].shape == (4, 64, 64, 32, 2)
-  assert pipeline.SKIPPED["count"] > before
+  assert crops.SKIPPED["count"] > before
 
 
 def test_prepare_refuses_another_config_in_the_same_folder(cohort, stores):

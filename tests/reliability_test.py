@@ -619,7 +619,7 @@ def ssl_run(tmp_path_factory):
   config = config_lib.load_file(os.path.join(ROOT, "configs", "stage1.py"),
                                 "runlocal")
   model = models.from_config(config)
-  x = jnp.zeros((1, *config.data.roi, contract_lib.in_channels(config)))
+  x = jnp.zeros((1, *config.data.roi, len(config.data.modalities)))
   params = jax.tree.map(
       lambda a: np.zeros(a.shape, a.dtype),
       jax.eval_shape(lambda k: model.init({"params": k, "dropout": k}, x),

@@ -21,26 +21,17 @@ batches (`mask` marks the real ones).
 Arrays are channels-last: images (H, W, D, C), batches (B, H, W, D, C).
 """
 
-import dataclasses
-import logging
-from typing import NamedTuple, Optional
-
 import grain
 import ml_collections
 import numpy as np
 
 from bsf_jax.data import DataError
+from bsf_jax.data import crops
 from bsf_jax.data import datalists
-from bsf_jax.data import io
 from bsf_jax.data import labels as L
 from bsf_jax.data import store as store_lib
 from bsf_jax.data import transforms as T
 from bsf_jax.data import workers
-
-# Records skipped under on_error="skip", per process (each Grain worker
-# process keeps its own count; `bsf_jax.data.check` gives the full list).
-SKIPPED = {"count": 0}
-
 
 def default_config() -> ml_collections.ConfigDict:
   """The `config.data` block."""
@@ -110,174 +101,27 @@ AUGMENT_ON = ("device", "host")
 def seg_augmentation(cfg) -> str:
   """Where segmentation training crops are augmented: "device", "host", or
   "" when `data.augment` is off. `bsf_jax.step.seg_augment.seg_augment` is the
-  device version, `make_crops` the host one; both draw the same distribution.
+  device version, `crops.make_crops` the host one; both draw the same distribution.
   """
   if cfg.augment_on not in AUGMENT_ON:
     raise ValueError(f"data.augment_on={cfg.augment_on!r}; expected one of {AUGMENT_ON}")
   return cfg.augment_on if cfg.augment else ""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-  """Picklable snapshot of config.data fields a worker needs."""
-  roi: tuple
-  num_samples: int
-  intensity: T.Intensity
-  labels: Optional[L.Convention]
-  augment: bool  # seg crops are augmented on the host
-  on_error: str
-  cache_dir: str
-
-  @classmethod
-  def from_config(cls, cfg, task):
-    if cfg.on_error not in ("raise", "skip"):
-      raise ValueError(f"data.on_error={cfg.on_error!r}; expected 'raise' or 'skip'")
-    if task not in ("ssl", "seg"):
-      raise ValueError(f"task={task!r}; expected 'ssl' or 'seg'")
-    conv = L.get(cfg.label_format) if task == "seg" else None
-    if task == "seg" and conv is None:
-      raise ValueError(f"task='seg' needs a data.label_format among "
-                       f"{list(L.CONVENTIONS)} (dataset={cfg.dataset})")
-    return cls(tuple(int(r) for r in cfg.roi), int(cfg.num_samples),
-               T.Intensity(cfg.intensity, float(cfg.a_min), float(cfg.a_max)),
-               conv, seg_augmentation(cfg) == "host",
-               cfg.on_error, cfg.cache_dir)
-
-  @property
-  def raw_fill(self):
-    # Raw value that the intensity mapping sends to 0: out-of-volume crop
-    # parts read as 0 after normalisation, as with MONAI's zero padding.
-    return self.intensity.a_min if self.intensity.kind == "ct_window" else 0.0
-
-
-class Loaded(NamedTuple):
-  """One decoded record: C raw RAS (H, W, D) channels, label or None, affine,
-  and (training only) `transforms.max_plane` of the channels."""
-  chans: list
-  label: Optional[np.ndarray]
-  affine: np.ndarray
-  plane: Optional[tuple] = None
-
-
-def load_record(record: dict, spec: _Spec, full_check: bool = True) -> Loaded:
-  """Reads and checks one record.
-
-  Channels stay separate so training crops them without first copying the
-  whole volume into one (H, W, D, C) array.
-
-  Args:
-    record: {"image": [paths], "label": path or "", "id"}.
-    spec: pipeline settings.
-    full_check: scan every voxel for NaN/Inf (eval). Training instead gets
-      NaN/+Inf from the max-projection it needs for the crop box anyway, and
-      -Inf from the crops and intensity statistics (`make_crops`): one pass
-      over the volume instead of two.
-
-  Raises:
-    DataError naming the file and the problem.
-  """
-  vols = [io.read_volume(p, cache_dir=spec.cache_dir, check_finite=full_check)
-          for p in record["image"]]
-  for v in vols[1:]:
-    if v.data.shape != vols[0].data.shape:
-      raise DataError(f"{v.path}: shape {v.data.shape} differs from "
-                      f"{vols[0].path} {vols[0].data.shape} (modalities of one subject)")
-  plane = None
-  if not full_check:
-    planes = [T.max_plane([v.data]) for v in vols]
-    for v, (_, pl) in zip(vols, planes):
-      if not np.isfinite(pl).all():
-        bad = v.data.size - np.count_nonzero(np.isfinite(v.data))
-        raise DataError(f"{v.path}: {bad} NaN/Inf voxels")
-    if len({a for a, _ in planes}) == 1:  # same memory layout in every channel
-      plane = (planes[0][0], np.maximum.reduce([pl for _, pl in planes]))
-  shape = vols[0].data.shape
-  label = None
-  if spec.labels is not None:
-    if not record.get("label"):
-      raise DataError(f"{record['image'][0]}: record {record['id']} has no label")
-    lab = io.read_volume(record["label"], cache_dir=spec.cache_dir)
-    if lab.data.shape != shape:
-      raise DataError(f"{lab.path}: label shape {lab.data.shape} differs from "
-                      f"image {vols[0].path} {shape}")
-    L.check_values(lab.data, spec.labels, lab.path)
-    label = lab.data
-  return Loaded([v.data for v in vols], label, vols[0].affine, plane)
-
-
-def _guard(spec, record, fn, *args):
-  """Runs fn; under on_error='skip' a DataError becomes None (logged, counted)."""
-  try:
-    return fn(*args)
-  except DataError as e:
-    if spec.on_error == "raise":
-      raise
-    SKIPPED["count"] += 1
-    logging.warning("data: skipping record %s (%d skipped so far): %s",
-                    record.get("id"), SKIPPED["count"], e)
-    return None
-
-
-def make_crops(loaded: Loaded, rng, spec: _Spec, augment: bool):
-  """`num_samples` roi crops (+ labels) of one volume, intensity-normalised.
-
-  The same voxels as the reference chain [intensity, SpatialPad(roi),
-  CropForeground(k_divisible=roi), RandSpatialCropSamples(roi)], then for
-  segmentation RandFlip x3 and RandScale/ShiftIntensity when `augment`.
-  """
-  chans, label = loaded.chans, loaded.label
-  params = spec.intensity.fit(chans)
-  if not all(np.isfinite(p).all() for p in params):
-    raise DataError("NaN/Inf voxels (non-finite intensity statistics)")
-  start, size = T.crop_region(chans, spec.intensity.foreground_threshold, spec.roi,
-                              loaded.plane)
-
-  def cut(corner, image_out, label_out):
-    img = np.stack([T.crop_with_fill(c, corner, spec.roi, spec.raw_fill) for c in chans], -1)
-    if not np.isfinite(img.sum(dtype=np.float64)):
-      raise DataError("NaN/Inf voxels in a crop")
-    image_out[...] = spec.intensity.apply(img, params)
-    if label_out is not None:
-      label_out[...] = L.to_channels(T.crop_with_fill(label, corner, spec.roi, 0),
-                                     spec.labels)
-  return sample_crops(rng, start, size, cut, len(chans), spec, augment)
-
-
-def store_crops(record: dict, rng, spec: _Spec, augment: bool):
-  """`make_crops` of a store record: prepare stored the crop region, the
-  normalised voxels and the label's channels; a crop only decompresses them."""
-  subject = store_lib.Subject(record)
-  regions = None if spec.labels is None else subject.regions()
-
-  def cut(corner, image_out, label_out):
-    subject.read(subject.image, corner, image_out)
-    if label_out is not None:
-      subject.read(regions, corner, label_out)
-  return sample_crops(rng, subject.box_start, subject.box_size, cut,
-                      subject.entry["channels"], spec, augment)
-
-
-def sample_crops(rng, start, size, cut, channels: int, spec: _Spec, augment: bool):
-  """Crops at `num_samples` random corners of the region (start, size).
-
-  `cut(corner, image_out, label_out)` writes the normalised image crop and,
-  for segmentation, the label's region channels into the batch. The rng draws
-  the corners, then each crop's augmentation, in that order.
-  """
-  corners = T.random_crop_starts(rng, start, size, spec.roi, spec.num_samples)
-  image = np.empty((len(corners), *spec.roi, channels), np.float32)
-  label = (None if spec.labels is None else
-           np.empty((len(corners), *spec.roi, len(spec.labels.regions)), np.float32))
-  for i, corner in enumerate(corners):
-    cut(corner, image[i], None if label is None else label[i])
-    if augment:
-      # Flips commute with the label -> channels map, so flipping the
-      # channels flips the label.
-      flipped = T.rand_flip(rng, [image[i]] if label is None else [image[i], label[i]])
-      image[i] = T.rand_scale_shift(rng, flipped[0])
-      if label is not None:
-        label[i] = flipped[1]
-  return {"image": image} if label is None else {"image": image, "label": label}
+def crop_spec(cfg, task: str) -> crops.CropSpec:
+  """The `CropSpec` of a run's `config.data` for `task` ("ssl" or "seg")."""
+  if cfg.on_error not in ("raise", "skip"):
+    raise ValueError(f"data.on_error={cfg.on_error!r}; expected 'raise' or 'skip'")
+  if task not in ("ssl", "seg"):
+    raise ValueError(f"task={task!r}; expected 'ssl' or 'seg'")
+  conv = L.get(cfg.label_format) if task == "seg" else None
+  if task == "seg" and conv is None:
+    raise ValueError(f"task='seg' needs a data.label_format among "
+                     f"{list(L.CONVENTIONS)} (dataset={cfg.dataset})")
+  return crops.CropSpec(tuple(int(r) for r in cfg.roi), int(cfg.num_samples),
+                        T.Intensity(cfg.intensity, float(cfg.a_min), float(cfg.a_max)),
+                        conv, seg_augmentation(cfg) == "host",
+                        cfg.on_error, cfg.cache_dir)
 
 
 class TrainTransform(grain.transforms.RandomMap):
@@ -287,20 +131,20 @@ class TrainTransform(grain.transforms.RandomMap):
   (nearly) every record is broken: raise instead of filtering forever.
   """
 
-  def __init__(self, spec: _Spec, augment: bool, max_skips: int = 1 << 30):
+  def __init__(self, spec: crops.CropSpec, augment: bool, max_skips: int = 1 << 30):
     self.spec, self.augment, self.max_skips = spec, augment, max_skips
     self._skips = 0
 
   def random_map(self, record, rng):
     def run():
       if "store" in record or "store_error" in record:
-        return store_crops(record, rng, self.spec, self.augment)
-      loaded = load_record(record, self.spec, full_check=False)
+        return crops.store_crops(record, rng, self.spec, self.augment)
+      loaded = crops.load_record(record, self.spec, full_check=False)
       try:
-        return make_crops(loaded, rng, self.spec, self.augment)
+        return crops.make_crops(loaded, rng, self.spec, self.augment)
       except DataError as e:  # e.g. no foreground: name the record's files
         raise DataError(f"{', '.join(record['image'])}: {e}") from e
-    out = _guard(self.spec, record, run)
+    out = crops.guard(self.spec, record, run)
     self._skips = self._skips + 1 if out is None else 0
     if self._skips > self.max_skips:
       raise DataError(f"on_error='skip': {self._skips} records in a row failed, "
@@ -378,7 +222,7 @@ def make_train_iter(cfg, *, task: str, seed: int, process_index=None,
   Returns:
     A `grain.DatasetIterator` with `get_state()` / `set_state()`.
   """
-  spec = _Spec.from_config(cfg, task)
+  spec = crop_spec(cfg, task)
   pi, pc = _process(process_index, process_count)
   volumes = _volumes_per_step(cfg, pc)
   if records is None:
@@ -399,7 +243,7 @@ def make_train_iter(cfg, *, task: str, seed: int, process_index=None,
 class EvalTransform(grain.transforms.RandomMap):
   """Deterministic eval elements; skipped/padding records get mask False."""
 
-  def __init__(self, spec: _Spec, task: str):
+  def __init__(self, spec: crops.CropSpec, task: str):
     self.spec, self.task = spec, task
 
   def _placeholder(self, c):
@@ -420,11 +264,11 @@ class EvalTransform(grain.transforms.RandomMap):
     def run():
       if "store" in record or "store_error" in record:
         return self._from_store(record, rng)
-      loaded = load_record(record, self.spec)
+      loaded = crops.load_record(record, self.spec)
       chans, label, affine = loaded.chans, loaded.label, loaded.affine
       if self.task == "ssl":
         try:
-          out = make_crops(loaded, rng, self.spec, augment=False)
+          out = crops.make_crops(loaded, rng, self.spec, augment=False)
         except DataError as e:
           raise DataError(f"{record['image'][0]}: {e}") from e
         return {**out, "mask": np.ones(self.spec.num_samples, bool)}
@@ -434,12 +278,12 @@ class EvalTransform(grain.transforms.RandomMap):
               "raw_label": label.astype(np.int16), "affine": affine,
               "path": record["image"][0], "label_path": record["label"],
               "mask": np.asarray(True)}
-    out = _guard(self.spec, record, run)
+    out = crops.guard(self.spec, record, run)
     return self._placeholder(c) if out is None else out
 
   def _from_store(self, record, rng):
     if self.task == "ssl":
-      out = store_crops(record, rng, self.spec, augment=False)
+      out = crops.store_crops(record, rng, self.spec, augment=False)
       return {**out, "mask": np.ones(self.spec.num_samples, bool)}
     subject = store_lib.Subject(record)
     image, label = subject.volume()
@@ -469,7 +313,7 @@ def make_eval_iter(cfg, *, task: str, process_index=None, process_count=None,
     workers a `workers.WatchedDataset`); every process yields the same number
     of items.
   """
-  spec = _Spec.from_config(cfg, task)
+  spec = crop_spec(cfg, task)
   pi, pc = _process(process_index, process_count)
   if records is None:
     records = _load_datalist(cfg)[1]

@@ -109,8 +109,8 @@ def prepare_subject(record: dict, spec) -> tuple[dict[str, np.ndarray], dict]:
     DataError: naming the subject's file(s) and the problem.
   """
   from bsf_jax.data import labels as L  # pylint: disable=g-import-not-at-top
-  from bsf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  loaded = pipeline.load_record(record, spec)
+  from bsf_jax.data import crops  # pylint: disable=g-import-not-at-top
+  loaded = crops.load_record(record, spec)
   chans, label = loaded.chans, loaded.label
   try:
     params = spec.intensity.fit(chans)
@@ -160,7 +160,7 @@ def _spec(data_cfg_json: str):
   """(config.data, pipeline spec) of a prepare run, built once per process."""
   from bsf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   data_cfg = ml_collections.ConfigDict(json.loads(data_cfg_json))
-  return data_cfg, pipeline._Spec.from_config(data_cfg, _task(data_cfg))  # pylint: disable=protected-access
+  return data_cfg, pipeline.crop_spec(data_cfg, _task(data_cfg))
 
 
 def _one(out: str, subject: dict, data_cfg_json: str) -> tuple[str, str]:
