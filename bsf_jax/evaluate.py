@@ -35,39 +35,39 @@ import sys
 
 from absl import app, flags
 
+from bsf_jax import tool_flags
 from bsf_jax.data import atomic_io
 from bsf_jax.infer import inference
 from bsf_jax.run import checkpointing, config_lib
 from bsf_jax.weights.evaluation import CONVENTION_NAMES, evaluate_run
 
-FLAGS = flags.FLAGS
-
-
-def _define_flags():
-  # Defined only when run as a script: the demo imports this module inside
-  # `bsf_jax.main`, which has its own --workdir flag.
-  flags.DEFINE_string("workdir", None, "A fine-tuning run's workdir: its "
-                      "config.json sets the data and inference settings.")
-  flags.DEFINE_string("step", "best", "Checkpoint: best, latest or a step.")
-  flags.DEFINE_enum("convention", "monai", list(CONVENTION_NAMES),
-                    "Scoring conventions (docs/evaluation.md).")
-  flags.DEFINE_multi_string(
-      "checkpoint", None, "Checkpoints to score as an ensemble (runs, step "
-      "dirs or folders of runs; --checkpoint A B or repeated); default: the "
-      "workdir's.")
-  flags.DEFINE_bool("mirror", False, "Also average over the flips of "
-                    "--mirror_axes (test-time mirroring).")
-  flags.DEFINE_string("mirror_axes", inference.AXIS_NAMES, "Axes --mirror "
-                      "flips: letters of xyz.")
-  flags.DEFINE_string("datalist", None, "Score the labelled validation and "
-                      "test entries of this datalist instead of the run's "
-                      "validation split.")
-  flags.DEFINE_string("postprocess", None, "Named post-processing, "
-                      "NAME=VALUE[,...] (bsf_jax.infer.postprocess).")
-  flags.DEFINE_string("output", None, "Folder for the evaluation files "
-                      "(default: the workdir, only when scoring the run "
-                      "itself on its own validation split).")
-  flags.mark_flags_as_required(["workdir"])
+FLAGS = tool_flags.flag_values(__name__)
+flags.DEFINE_string("workdir", None, "A fine-tuning run's workdir: its "
+                    "config.json sets the data and inference settings.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("step", "best", "Checkpoint: best, latest or a step.",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("convention", "monai", list(CONVENTION_NAMES),
+                  "Scoring conventions (docs/evaluation.md).",
+                  flag_values=FLAGS)
+flags.DEFINE_multi_string(
+    "checkpoint", None, "Checkpoints to score as an ensemble (runs, step "
+    "dirs or folders of runs; --checkpoint A B or repeated); default: the "
+    "workdir's.", flag_values=FLAGS)
+flags.DEFINE_bool("mirror", False, "Also average over the flips of "
+                  "--mirror_axes (test-time mirroring).", flag_values=FLAGS)
+flags.DEFINE_string("mirror_axes", inference.AXIS_NAMES, "Axes --mirror "
+                    "flips: letters of xyz.", flag_values=FLAGS)
+flags.DEFINE_string("datalist", None, "Score the labelled validation and "
+                    "test entries of this datalist instead of the run's "
+                    "validation split.", flag_values=FLAGS)
+flags.DEFINE_string("postprocess", None, "Named post-processing, "
+                    "NAME=VALUE[,...] (bsf_jax.infer.postprocess).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("output", None, "Folder for the evaluation files "
+                    "(default: the workdir, only when scoring the run "
+                    "itself on its own validation split).", flag_values=FLAGS)
+flags.mark_flags_as_required(["workdir"], flag_values=FLAGS)
 
 
 def output_dir(workdir: str, output: str | None, checkpoints: list[str],
@@ -90,9 +90,11 @@ def output_dir(workdir: str, output: str | None, checkpoints: list[str],
                    "evaluation files stay the run's own)")
 
 
-def main(argv):
-  if len(argv) > 1 and not FLAGS.checkpoint:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(argv=None):
+  """The command line (module docstring); argv: the words after the program name."""
+  argv = tool_flags.parse(FLAGS, argv, positional=True)
+  if argv and not FLAGS.checkpoint:
+    raise app.UsageError(f"Unexpected arguments: {argv}")
   checkpointing.quiet_tool_logs()
   try:
     config = config_lib.load_run_config(FLAGS.workdir)
@@ -100,7 +102,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   # `--checkpoint A B C`: the words after the flag are more checkpoints.
-  checkpoints = (FLAGS.checkpoint or []) + argv[1:]
+  checkpoints = (FLAGS.checkpoint or []) + argv
   try:
     out = output_dir(FLAGS.workdir, FLAGS.output, checkpoints, FLAGS.mirror,
                      FLAGS.datalist, FLAGS.postprocess)
@@ -118,5 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  tool_flags.run(main)

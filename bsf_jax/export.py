@@ -26,26 +26,31 @@ import sys
 
 from absl import app, flags
 
+from bsf_jax import tool_flags
 from bsf_jax.run import checkpointing
 from bsf_jax.data import atomic_io
 from bsf_jax.weights.export import export
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory (or its checkpoints dir).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-flags.DEFINE_bool("best", False, "Export the best checkpoint by validation.")
+FLAGS = tool_flags.flag_values(__name__)
+flags.DEFINE_string("workdir", None, "Run directory (or its checkpoints dir).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).",
+                     flag_values=FLAGS)
+flags.DEFINE_bool("best", False, "Export the best checkpoint by validation.",
+                  flag_values=FLAGS)
 flags.DEFINE_enum("format", "monai", ["monai", "bsf", "safetensors"],
-                  "Output format.")
-flags.DEFINE_string("out", None, "Output file.")
+                  "Output format.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output file.", flag_values=FLAGS)
 flags.DEFINE_bool("monai_before_1_5", False,
                   "Write a --format monai file of a run trained with the pre-2025 "
-                  "patch-merging order, for MONAI 0.9-1.4 (which computes that order).")
-flags.mark_flags_as_required(["workdir", "out"])
+                  "patch-merging order, for MONAI 0.9-1.4 (which computes that order).",
+                  flag_values=FLAGS)
+flags.mark_flags_as_required(["workdir", "out"], flag_values=FLAGS)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(argv=None):
+  """The command line (module docstring); argv: the words after the program name."""
+  tool_flags.parse(FLAGS, argv)
   checkpointing.quiet_tool_logs()
   if FLAGS.best and FLAGS.step is not None:
     raise app.UsageError("--best and --step are exclusive")
@@ -60,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  tool_flags.run(main)

@@ -14,25 +14,28 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from bsf_jax import tool_flags
 from bsf_jax.run import checkpointing, distributed, workdir_lock
 from bsf_jax.data import store
 
-FLAGS = flags.FLAGS
+FLAGS = tool_flags.flag_values(__name__)
 config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/stage1.py:size=small.",
-    lock_config=True)
+    lock_config=True, flag_values=FLAGS)
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and the resolved "
-                    "config go here; rerunning resumes from it.")
+                    "config go here; rerunning resumes from it.",
+                    flag_values=FLAGS)
 flags.DEFINE_bool("dry_run", False, "Print mesh, per-device batch, params, "
-                  "compiled peak memory and the first batch; do not train.")
-flags.mark_flags_as_required(["config", "workdir"])
+                  "compiled peak memory and the first batch; do not train.",
+                  flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 _TRAINERS = ("pretrain", "finetune", "demo")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(argv=None):
+  """The command line (module docstring); argv: the words after the program name."""
+  tool_flags.parse(FLAGS, argv)
   config = FLAGS.config
   if config.trainer not in _TRAINERS:
     raise app.UsageError(f"config.trainer={config.trainer!r} is not one of "
@@ -56,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  tool_flags.run(main)

@@ -55,8 +55,9 @@ from typing import Any, TypeVar
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from bsf_jax import tool_flags
 from bsf_jax.data import atomic_io
 from bsf_jax.run import checkpointing
 from bsf_jax.weights import ensemble
@@ -65,6 +66,51 @@ from bsf_jax.infer import postprocess as postprocess_lib
 from bsf_jax.data import io as data_io
 from bsf_jax.data import labels as labels_lib
 from bsf_jax.data import transforms
+
+FLAGS = tool_flags.flag_values(__name__)
+flags.DEFINE_multi_string(
+    "checkpoint", None, "Fine-tuning workdir, step dir, or a folder of runs "
+    "(all of its sub-folders with checkpoints); several (--checkpoint A B "
+    "or repeated) predict as an ensemble.", flag_values=FLAGS)
+flags.DEFINE_string("input", None, "Subject dir, folder of subject dirs, "
+                    "comma-separated files, or a datalist json.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("output", None, "Output folder.", flag_values=FLAGS)
+flags.DEFINE_string("step", "best", "best, latest or a step number (for "
+                    "every checkpoint).",
+                    flag_values=FLAGS)
+flags.DEFINE_float("threshold", None, "Sigmoid threshold (default: the "
+                   "checkpoint's config.seg.threshold).",
+                   flag_values=FLAGS)
+flags.DEFINE_float("overlap", None, "Sliding-window overlap (default: the "
+                   "checkpoint's config.seg.sw_overlap).",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("sw_batch_size", None, "Windows per batch (default: "
+                     "the checkpoint's config.seg.sw_batch_size).",
+                     flag_values=FLAGS)
+flags.DEFINE_enum("sw_mode", None, ["constant", "gaussian"], "Window "
+                  "blending (default: the checkpoint's config.seg.sw_mode).",
+                  flag_values=FLAGS)
+flags.DEFINE_string("labels", None, "Label convention to write, e.g. "
+                    "brats2023 (default: the training data's, from the "
+                    "checkpoint).",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("mirror", False, "Also average over the flips of "
+                  "--mirror_axes (test-time mirroring).",
+                  flag_values=FLAGS)
+flags.DEFINE_string("mirror_axes", inference.AXIS_NAMES, "Axes --mirror "
+                    "flips: letters of xyz (x left-right, y "
+                    "posterior-anterior, z inferior-superior); all three "
+                    "give 8 flips.",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("save_probabilities", False, "Also write the averaged "
+                  "probabilities, <subject>_prob.npz (float16).",
+                  flag_values=FLAGS)
+flags.DEFINE_string("postprocess", None, "Named post-processing of the "
+                    "labels, NAME=VALUE[,...], e.g. et_to_necrosis_below=500 "
+                    "(bsf_jax.infer.postprocess).",
+                    flag_values=FLAGS)
+flags.mark_flags_as_required(["checkpoint", "input", "output"], flag_values=FLAGS)
 
 # File-name patterns of each modality in the supported layouts.
 _MODALITY_PATTERNS = {
@@ -157,12 +203,14 @@ def write_like(path: str, data: np.ndarray, reference: str) -> None:
     nib.save(nib.Nifti1Image(out, ref.affine, header), tmp)
 
 
-def main(argv):
+def main(argv=None):
+  """The command line (module docstring); argv: the words after the program name."""
+  argv = tool_flags.parse(FLAGS, argv, positional=True)
   checkpointing.quiet_tool_logs()
   try:
     # `--checkpoint A B C`: the words after the flag are more checkpoints
     # (a shell glob such as runs/folds/fold* expands to them).
-    _predict(FLAGS.checkpoint + argv[1:], FLAGS.input, FLAGS.output,
+    _predict(FLAGS.checkpoint + argv, FLAGS.input, FLAGS.output,
              FLAGS.step,
              overrides=dict(threshold=FLAGS.threshold,
                             sw_overlap=FLAGS.overlap,
@@ -358,39 +406,5 @@ def _output_path(output: str, files: list[str], suffix: str) -> str:
   return os.path.join(output, name + suffix)
 
 
-FLAGS = flags.FLAGS
-
 if __name__ == "__main__":
-  flags.DEFINE_multi_string(
-      "checkpoint", None, "Fine-tuning workdir, step dir, or a folder of runs "
-      "(all of its sub-folders with checkpoints); several (--checkpoint A B "
-      "or repeated) predict as an ensemble.")
-  flags.DEFINE_string("input", None, "Subject dir, folder of subject dirs, "
-                      "comma-separated files, or a datalist json.")
-  flags.DEFINE_string("output", None, "Output folder.")
-  flags.DEFINE_string("step", "best", "best, latest or a step number (for "
-                      "every checkpoint).")
-  flags.DEFINE_float("threshold", None, "Sigmoid threshold (default: the "
-                     "checkpoint's config.seg.threshold).")
-  flags.DEFINE_float("overlap", None, "Sliding-window overlap (default: the "
-                     "checkpoint's config.seg.sw_overlap).")
-  flags.DEFINE_integer("sw_batch_size", None, "Windows per batch (default: "
-                       "the checkpoint's config.seg.sw_batch_size).")
-  flags.DEFINE_enum("sw_mode", None, ["constant", "gaussian"], "Window "
-                    "blending (default: the checkpoint's config.seg.sw_mode).")
-  flags.DEFINE_string("labels", None, "Label convention to write, e.g. "
-                      "brats2023 (default: the training data's, from the "
-                      "checkpoint).")
-  flags.DEFINE_bool("mirror", False, "Also average over the flips of "
-                    "--mirror_axes (test-time mirroring).")
-  flags.DEFINE_string("mirror_axes", inference.AXIS_NAMES, "Axes --mirror "
-                      "flips: letters of xyz (x left-right, y "
-                      "posterior-anterior, z inferior-superior); all three "
-                      "give 8 flips.")
-  flags.DEFINE_bool("save_probabilities", False, "Also write the averaged "
-                    "probabilities, <subject>_prob.npz (float16).")
-  flags.DEFINE_string("postprocess", None, "Named post-processing of the "
-                      "labels, NAME=VALUE[,...], e.g. et_to_necrosis_below=500 "
-                      "(bsf_jax.infer.postprocess).")
-  flags.mark_flags_as_required(["checkpoint", "input", "output"])
-  app.run(main)
+  tool_flags.run(main)

@@ -22,13 +22,18 @@ Dice side by side.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import sys
 
+from absl import app, flags
 import numpy as np
+
+from bsf_jax import tool_flags
+
+FLAGS = tool_flags.flag_values(__name__)
+flags.DEFINE_string("csv", None, "also write the per-run rows here", flag_values=FLAGS)
 
 PROTOCOL = ("depths", "modalities", "fraction", "init")
 # What else a row is grouped by: the data scored, how, and what predicted it.
@@ -155,18 +160,17 @@ def markdown(table: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m bsf_jax.report",
-                                   description=__doc__.split("\n\n")[0])
-  parser.add_argument("runs", nargs="+", help="stage-3 workdirs")
-  parser.add_argument("--csv", help="also write the per-run rows here")
-  args = parser.parse_args(argv)
+  """The command line (module docstring); argv: the words after the program name."""
+  runs = tool_flags.parse(FLAGS, argv, positional=True)
+  if not runs:
+    raise app.UsageError("the following arguments are required: runs (stage-3 workdirs)")
   try:
-    rows = [load_run(r) for r in args.runs]
+    rows = [load_run(r) for r in runs]
   except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  if args.csv:
-    with open(args.csv, "w", newline="") as f:
+  if FLAGS.csv:
+    with open(FLAGS.csv, "w", newline="") as f:
       writer = csv.DictWriter(f, ["run", *GROUP, *_metrics(rows)],
                               extrasaction="ignore")
       writer.writeheader()
@@ -180,4 +184,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  tool_flags.run(main)

@@ -1,4 +1,5 @@
-"""bsf_jax.weights.convert: formats, strictness, architecture inference, encoder transfer, CLI.
+"""bsf_jax.weights.convert and weight_files, python -m bsf_jax.convert: formats, strictness,
+architecture inference, encoder transfer, CLI.
 
 Numerical parity of converted weights is in models_test.py; these tests only
 trace shapes (`jax.eval_shape`) or compare arrays, so they are fast.
@@ -12,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsf_jax.weights import convert
+from bsf_jax import convert as convert_tool
 from bsf_jax import models
+from bsf_jax.weights import convert
+from bsf_jax.weights import weight_files
 
 torch = pytest.importorskip("torch")
 monai_nets = pytest.importorskip("monai.networks.nets")
@@ -78,13 +81,13 @@ def test_strict_errors_name_every_problem():
 def test_bsf_checkpoint_format_and_encoder_transfer(tmp_path):
   sd = _ssl_state_dict()
   path = str(tmp_path / "bsf.pt")
-  convert.save_torch_file(sd, path, "all_neighbours", bsf=True, global_step=7, epoch=3)
+  weight_files.save_torch_file(sd, path, "all_neighbours", bsf=True, global_step=7, epoch=3)
   raw = torch.load(path, weights_only=True)
   assert raw["global_step"] == 7 and raw["epoch"] == 3
-  assert raw[convert.MERGING_RECORD] == "all_neighbours"
+  assert raw[weight_files.MERGING_RECORD] == "all_neighbours"
   assert all(k.startswith("module.") for k in raw["state_dict"])
-  assert convert.read_torch_file(path).patch_merging == "all_neighbours"  # the record wins
-  loaded = convert.load_torch_file(path)
+  assert weight_files.read_torch_file(path).patch_merging == "all_neighbours"  # the record wins
+  loaded = weight_files.load_torch_file(path)
   kwargs = convert.model_kwargs_from_state_dict(loaded, "ssl_head")
   ssl = models.build("ssl_head", **kwargs)
   ssl_params = convert.params_from_torch(loaded, "ssl_head", ssl)
@@ -109,7 +112,7 @@ def test_original_model_swinvit_format(tmp_path):
          for k, v in enc.items()}
   path = str(tmp_path / "model_swinvit.pt")
   torch.save({"state_dict": old}, path)
-  sd = convert.load_torch_file(path)
+  sd = weight_files.load_torch_file(path)
   kwargs = convert.model_kwargs_from_state_dict(sd, "encoder")
   encoder = models.build("encoder", **kwargs)
   params = convert.params_from_torch(sd, "encoder", encoder)
@@ -128,35 +131,36 @@ def test_cli_round_trip(tmp_path):
   ckpt = str(tmp_path / "ckpt")
   # A bare state dict does not say which merging order it was trained with.
   with pytest.raises(convert.ConversionError, match="--patch_merging"):
-    convert.main(["--from", src, "--to", ckpt])
+    convert_tool.main(["--from", src, "--to", ckpt])
   assert not os.path.exists(ckpt)
-  convert.main(["--from", src, "--patch_merging", "all_neighbours", "--to", ckpt])
-  with open(os.path.join(ckpt, convert.CONFIG_FILE)) as f:
+  convert_tool.main(["--from", src, "--patch_merging", "all_neighbours", "--to", ckpt])
+  with open(os.path.join(ckpt, weight_files.CONFIG_FILE)) as f:
     cfg = json.load(f)
   assert cfg["kind"] == "swin_unetr" and cfg["model_kwargs"]["out_channels"] == 3
   assert cfg["model_kwargs"]["patch_merging"] == "all_neighbours"
-  params, kind, kwargs = convert.load_params(ckpt)
+  params, kind, kwargs = weight_files.load_params(ckpt)
   assert kind == "swin_unetr" and kwargs["depths"] == (2, 2, 2, 2)
   for fmt in ("safetensors", "pt"):
     dst = str(tmp_path / f"back.{fmt}")
-    convert.main(["--from", ckpt, "--to", dst])
-    _assert_same_state_dict(convert.load_torch_file(dst), {k: v.numpy() for k, v in sd.items()})
+    convert_tool.main(["--from", ckpt, "--to", dst])
+    _assert_same_state_dict(weight_files.load_torch_file(dst),
+                            {k: v.numpy() for k, v in sd.items()})
     # What bsf_jax writes records its order: it round-trips without a flag.
-    assert convert.read_torch_file(dst).patch_merging == "all_neighbours"
+    assert weight_files.read_torch_file(dst).patch_merging == "all_neighbours"
   # The exported file loads strictly into MONAI.
   tm = monai_nets.SwinUNETR(in_channels=2, out_channels=3, feature_size=F)
   tm.load_state_dict(torch.load(str(tmp_path / "back.pt"), weights_only=True), strict=True)
   # Safetensors in, with an explicit override that contradicts the file: refused by name.
   with pytest.raises(convert.ConversionError, match="shape mismatch: swinViT.patch_embed"):
-    convert.main(["--from", str(tmp_path / "back.safetensors"), "--kind", "swin_unetr",
-                  "--to", str(tmp_path / "ckpt2"), "--in_channels", "4"])
+    convert_tool.main(["--from", str(tmp_path / "back.safetensors"), "--kind", "swin_unetr",
+                       "--to", str(tmp_path / "ckpt2"), "--in_channels", "4"])
 
 
 def test_bad_file_is_reported(tmp_path):
   path = str(tmp_path / "weird.pt")
   torch.save({"model": {"a": 1}}, path)
   with pytest.raises(convert.ConversionError, match="weird.pt"):
-    convert.load_torch_file(path)
+    weight_files.load_torch_file(path)
 
 
 def test_pickled_model_object_is_refused_with_the_way_out(tmp_path):
@@ -164,7 +168,7 @@ def test_pickled_model_object_is_refused_with_the_way_out(tmp_path):
   path = str(tmp_path / "whole_model.pt")
   torch.save(torch.nn.Linear(2, 3), path)
   with pytest.raises(convert.ConversionError) as err:
-    convert.read_torch_file(path)
+    weight_files.read_torch_file(path)
   message = str(err.value)
   assert "\n" not in message and "whole_model.pt" in message
   assert "weights_only=False" in message and "state_dict()" in message
@@ -201,7 +205,7 @@ def _release_files(tmp_path):
 def test_released_layouts_import_with_the_pre_2025_order(tmp_path, capsys):
   files, ssl, encoder = _release_files(tmp_path)
   for name, path, kind in files:
-    read = convert.read_torch_file(path)
+    read = weight_files.read_torch_file(path)
     assert read.kind == kind, name
     assert read.patch_merging == "duplicated_neighbours", name
     arch = read.architecture()
@@ -213,23 +217,23 @@ def test_released_layouts_import_with_the_pre_2025_order(tmp_path, capsys):
       assert "dropped contrastive_head, conv, rotation_head" in read.describe("encoder")
     # The CLI imports it without a flag and says which order it picked and why.
     ckpt = str(tmp_path / f"{name}_ckpt")
-    convert.main(["--from", path, "--to", ckpt])
+    convert_tool.main(["--from", path, "--to", ckpt])
     report = capsys.readouterr().out
     assert "duplicated_neighbours" in report and "MONAI 0.9 to 1.4.x" in report, report
-    params, got_kind, kwargs = convert.load_params(ckpt)
+    params, got_kind, kwargs = weight_files.load_params(ckpt)
     assert got_kind == kind and kwargs["patch_merging"] == "duplicated_neighbours"
     want = ssl if kind == "ssl_head" else encoder
     _assert_same_state_dict(convert.params_to_torch(params, kind), want)
   # Stating the other order is allowed, and the report says it is not the file's.
-  convert.main(["--from", files[0][1], "--to", str(tmp_path / "stated"),
-                "--patch_merging", "all_neighbours"])
+  convert_tool.main(["--from", files[0][1], "--to", str(tmp_path / "stated"),
+                     "--patch_merging", "all_neighbours"])
   assert "NOT the file's duplicated_neighbours" in capsys.readouterr().out
 
 
 def test_inspect_prints_and_writes_nothing(tmp_path, capsys):
   files, _, _ = _release_files(tmp_path)
   before = sorted(os.listdir(tmp_path))
-  convert.main(["--inspect", files[0][1]])
+  convert_tool.main(["--inspect", files[0][1]])
   out = capsys.readouterr().out
   for expected in ("epoch 5, global_step 1000", "'module.' keys", "ssl_head: in_channels=2",
                    "feature_size=12", "depths=[2, 2, 2, 2]", "duplicated_neighbours"):
@@ -243,7 +247,7 @@ def test_unmatched_key_of_a_release_is_named(tmp_path):
   blob["state_dict"]["module.rotation_pre.weight"] = torch.zeros(3)
   torch.save(blob, files[0][1])
   with pytest.raises(convert.ConversionError, match="unexpected key: rotation_pre.weight"):
-    convert.main(["--from", files[0][1], "--to", str(tmp_path / "ckpt")])
+    convert_tool.main(["--from", files[0][1], "--to", str(tmp_path / "ckpt")])
 
 
 @pytest.mark.parametrize("order", ["duplicated_neighbours", "all_neighbours"])
@@ -265,10 +269,10 @@ def test_released_ssl_checkpoint_imports_as_the_function_it_was_trained_as(tmp_p
     torch.save({"state_dict": {"module." + k: v for k, v in tm.state_dict().items()},
                 "epoch": 1, "global_step": 2}, path)
   else:
-    convert.save_torch_file(tm.state_dict(), path, order, bsf=True)
+    weight_files.save_torch_file(tm.state_dict(), path, order, bsf=True)
   params, _, report = transfer.load_source(path)
   assert f"patch merging: {order}" in report
-  read = convert.read_torch_file(path)
+  read = weight_files.read_torch_file(path)
   model = models.build("ssl_head", **read.architecture(), patch_merging=read.patch_merging)
   x = np.random.default_rng(6).standard_normal((1, 64, 32, 32, 2)).astype(np.float32)
   with jax.default_matmul_precision("highest"):

@@ -11,12 +11,18 @@ import os
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bsf_jax")
 LAYERS = {"models": 0, "reference": 0, "data": 0, "step": 1, "infer": 1, "run": 2,
           "weights": 3, "trainers": 4, "bench": 5}
+# Modules of `bsf_jax/` that are not entry points: `tool_flags` (how every tool,
+# `data.prepare` and `data.check` among them, reads its flags) imports nothing
+# of the package, so any layer may use it.
+LEAVES = {"tool_flags": 0}
 ENTRY_POINTS = 5
 
 
 def _layer(module: str) -> int:
   parts = module.split(".")
-  return LAYERS.get(parts[1], ENTRY_POINTS) if len(parts) > 1 else ENTRY_POINTS
+  if len(parts) == 1:
+    return ENTRY_POINTS
+  return LAYERS.get(parts[1], LEAVES.get(parts[1], ENTRY_POINTS))
 
 
 def _modules():

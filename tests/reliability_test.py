@@ -397,10 +397,9 @@ def test_exact_resume_after_sigkill_and_sigterm(cohort, xla_cache, tmp_path):
 # training batch (eval batches carry a "mask") is all NaN. The NaN then flows
 # through the real model, loss, gradients and guard.
 _POISONED_MAIN = textwrap.dedent("""
+    import runpy
     import sys
     import numpy as np
-    from absl import app
-    from bsf_jax import main as main_lib
     from bsf_jax.data import pipeline
 
     BAD_STEP = int(sys.argv.pop(1))
@@ -417,7 +416,9 @@ _POISONED_MAIN = textwrap.dedent("""
     pipeline.to_global_batch = _poisoned
 
     if __name__ == "__main__":
-      app.run(main_lib.main)
+      # `python -m bsf_jax.main` in this process (a tool's flags are absl's
+      # only when it runs as the program: bsf_jax/tool_flags.py).
+      runpy.run_module("bsf_jax.main", run_name="__main__")
 """)
 
 

@@ -1,7 +1,7 @@
 """No code path unpickles untrusted data (issue 7, item 5).
 
 A malicious pickle whose `__reduce__` creates a file when unpickled is fed to
-every entry point that reads PyTorch files: the `bsf_jax.weights.convert` library
+every entry point that reads PyTorch files: the `bsf_jax.weights.weight_files` library
 function and CLI, and `config.init_from` (stage transfer, as the loop calls
 it). Each must refuse it, and the file must never appear. At the end the same payload
 is unpickled the unsafe way to prove that it is live, so the test cannot pass
@@ -53,11 +53,11 @@ def evil(tmp_path):
 
 
 def test_convert_library_refuses_malicious_pickle(evil):
-  from bsf_jax.weights import convert
+  from bsf_jax.weights import weight_files
   files, marker = evil
   for path in files.values():
     with pytest.raises(Exception, match="[Ww]eights.only|[Uu]npickl"):
-      convert.load_torch_file(path)
+      weight_files.load_torch_file(path)
     assert not os.path.exists(marker), path
   _assert_payload_is_live(files, marker)
 

@@ -9,7 +9,7 @@
 A random 4-channel volume goes through SwinUNETR(4 -> 3) in one process: once
 through bsf_jax (`inference.make_ensemble_predictor`, one jitted program) and
 once through `monai.inferers.sliding_window_inference` with MONAI models
-holding the same weights (exported by `bsf_jax.convert.params_to_torch`,
+holding the same weights (exported by `bsf_jax.weights.convert.params_to_torch`,
 loaded with `load_state_dict(strict=True)`). Both sides output the sigmoid
 probability.
 

@@ -12,15 +12,16 @@ outside the expected set. Volumes smaller than the roi are reported as notes
 (the pipeline pads them). Exits 1 if any problem was found, 0 otherwise.
 """
 
-import argparse
 import multiprocessing
 import os
 import re
 import sys
 import time
 
+from absl import app, flags
 import numpy as np
 
+from bsf_jax import tool_flags
 from bsf_jax.data import DataError
 from bsf_jax.data import datalists
 from bsf_jax.data import io
@@ -28,6 +29,18 @@ from bsf_jax.data import labels as L
 
 # `--label-format` choices: a convention, "none", or "auto" (from file names).
 LABEL_FORMATS = ("auto", "none", *L.CONVENTIONS, *L.ALIASES)
+
+FLAGS = tool_flags.flag_values(__name__)
+flags.DEFINE_string("datalist", "", "datalist json (or --dataset + --root)", flag_values=FLAGS)
+flags.DEFINE_string("root", "", "base of relative paths (default: json folder); without "
+                    "--datalist, the folder to scan", flag_values=FLAGS)
+flags.DEFINE_enum("dataset", "", ("", "ukb", "brats", "atlas"),
+                  "layout of --root to scan when there is no --datalist", flag_values=FLAGS)
+flags.DEFINE_integer("workers", 0, "reader processes (0: in process)", flag_values=FLAGS)
+flags.DEFINE_enum("label-format", "auto", LABEL_FORMATS,
+                  "label convention; auto: BraTS 2021 for *_seg, 2023 for *-seg, else ATLAS",
+                  flag_values=FLAGS)
+flags.DEFINE_string("roi", "", "e.g. 96,96,96: note volumes smaller than this", flag_values=FLAGS)
 
 
 def auto_label_format(label_path: str) -> str:
@@ -149,25 +162,14 @@ def run_check(datalist: str, root: str = "", workers: int = 0, label_format: str
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m bsf_jax.data.check",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--datalist", default="", help="datalist json (or --dataset + --root)")
-  parser.add_argument("--root", default="", help="base of relative paths (default: json "
-                      "folder); without --datalist, the folder to scan")
-  parser.add_argument("--dataset", default="", choices=("", "ukb", "brats", "atlas"),
-                      help="layout of --root to scan when there is no --datalist")
-  parser.add_argument("--workers", type=int, default=0, help="reader processes (0: in process)")
-  parser.add_argument("--label-format", default="auto", choices=LABEL_FORMATS,
-                      help="label convention; auto: BraTS 2021 for *_seg, 2023 for *-seg, "
-                      "else ATLAS")
-  parser.add_argument("--roi", default="", help="e.g. 96,96,96: note volumes smaller than this")
-  args = parser.parse_args(argv)
-  roi = tuple(int(r) for r in args.roi.split(",")) if args.roi else None
-  if not args.datalist and not (args.dataset and args.root):
-    parser.error("give --datalist JSON, or --dataset and --root to scan a folder")
-  return 1 if run_check(args.datalist, args.root, args.workers, args.label_format,
-                        roi, dataset=args.dataset) else 0
+  """The command line (module docstring); argv: the words after the program name."""
+  tool_flags.parse(FLAGS, argv)
+  roi = tuple(int(r) for r in FLAGS.roi.split(",")) if FLAGS.roi else None
+  if not FLAGS.datalist and not (FLAGS.dataset and FLAGS.root):
+    raise app.UsageError("give --datalist JSON, or --dataset and --root to scan a folder")
+  return 1 if run_check(FLAGS.datalist, FLAGS.root, FLAGS.workers, FLAGS["label-format"].value,
+                        roi, dataset=FLAGS.dataset) else 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  tool_flags.run(main)

@@ -21,7 +21,6 @@ same bytes, whatever the worker count.
 `--small` divides every grid by 3 (3 mm voxels) and keeps layouts and names.
 """
 
-import argparse
 import concurrent.futures
 import functools
 import importlib.util
@@ -31,13 +30,25 @@ import os
 import sys
 import time
 
+from absl import flags
 import numpy as np
 from scipy import ndimage
 
+from bsf_jax import tool_flags
 from bsf_jax.data import io
 
 SMALL_FACTOR = 3
 DEFAULT_SUBJECTS = 8
+
+FLAGS = tool_flags.flag_values(__name__)
+flags.DEFINE_string("out", None, "output folder", flag_values=FLAGS)
+flags.DEFINE_integer("subjects", DEFAULT_SUBJECTS, "subjects per dataset", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of every subject's rng", flag_values=FLAGS)
+flags.DEFINE_bool("small", False, f"grids / {SMALL_FACTOR} for tests", flag_values=FLAGS)
+flags.DEFINE_integer("workers", 0, "processes (0: min(2, cpus))", flag_values=FLAGS)
+flags.DEFINE_string("datasets", "ukb,brats,atlas", "comma-separated subset", flag_values=FLAGS)
+flags.mark_flag_as_required("out", flag_values=FLAGS)
+
 # RAS generation grids (shape, affine at 1 mm); world coordinates are MNI.
 # UKB: FSL MNI152 grid, stored LAS like FSL ([-1,0,0,90],[0,1,0,-126],...).
 _UKB = ((182, 218, 182), np.array([[1., 0, 0, -91], [0, 1, 0, -126], [0, 0, 1, -72], [0, 0, 0, 1]]))
@@ -379,21 +390,16 @@ def write_demo_cohort(out: str, subjects: int = DEFAULT_SUBJECTS, seed: int = 0,
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m bsf_jax.data.demo", description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True, help="output folder")
-  parser.add_argument("--subjects", type=int, default=DEFAULT_SUBJECTS, help="subjects per dataset")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--small", action="store_true", help=f"grids / {SMALL_FACTOR} for tests")
-  parser.add_argument("--workers", type=int, default=0, help="processes (0: min(2, cpus))")
-  parser.add_argument("--datasets", default="ukb,brats,atlas", help="comma-separated subset")
-  args = parser.parse_args(argv)
-  datasets = tuple(args.datasets.split(","))
+  """The command line (module docstring); argv: the words after the program name."""
+  tool_flags.parse(FLAGS, argv)
+  datasets = tuple(FLAGS.datasets.split(","))
   t0 = time.time()
-  paths = write_demo_cohort(args.out, args.subjects, args.seed, args.small, args.workers, datasets)
-  print(f"wrote {len(datasets) * args.subjects} subjects to {args.out} in "
+  paths = write_demo_cohort(FLAGS.out, FLAGS.subjects, FLAGS.seed, FLAGS.small, FLAGS.workers,
+                            datasets)
+  print(f"wrote {len(datasets) * FLAGS.subjects} subjects to {FLAGS.out} in "
         f"{time.time() - t0:.1f}s: " + ", ".join(p.get("datalist", p["root"]) for p in paths.values()))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  tool_flags.run(main)

@@ -36,14 +36,34 @@ import os
 import sys
 import time
 
+from absl import flags
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
+from bsf_jax import tool_flags
 from bsf_jax.data import atomic_io
 from bsf_jax.data import DataError
 from bsf_jax.data import datalists
 from bsf_jax.data import store
 from bsf_jax.data import transforms as T
+
+FLAGS = tool_flags.flag_values(__name__)
+config_flags.DEFINE_config_file(
+    "config", None, "Stage config whose data chain to prepare, e.g. "
+    "configs/stage1.py.", lock_config=True, flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Store folder (created; a rerun resumes).", flag_values=FLAGS)
+flags.DEFINE_integer("process_index", None, "This process's share "
+                     "(default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, or 0).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("process_count", None, "Number of shares (default: "
+                     "SLURM_ARRAY_TASK_COUNT, or 1).", flag_values=FLAGS)
+flags.DEFINE_integer("workers", 1, "Local processes sharing this share.", flag_values=FLAGS)
+flags.DEFINE_bool("plan_only", False, "Only write plan.json (the subject list).",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("index_only", False, "Only write index.json from finished entries.",
+                  flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "out"], flag_values=FLAGS)
 
 
 def _task(data_cfg) -> str:
@@ -284,38 +304,17 @@ def run(data_cfg, out: str, *, process_index: int = 0, process_count: int = 1,
   return counts
 
 
-def main(argv):
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  f = flags.FLAGS
+def main(argv=None):
+  """The command line (module docstring); argv: the words after the program name."""
+  tool_flags.parse(FLAGS, argv)
   try:
-    index, count = share(f.process_index, f.process_count)
-    run(f.config.data, f.out, process_index=index, process_count=count,
-        workers=f.workers, plan_only=f.plan_only, index_only=f.index_only)
+    index, count = share(FLAGS.process_index, FLAGS.process_count)
+    run(FLAGS.config.data, FLAGS.out, process_index=index, process_count=count,
+        workers=FLAGS.workers, plan_only=FLAGS.plan_only, index_only=FLAGS.index_only)
   except (DataError, store.StoreError, atomic_io.OutputError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file(
-      "config", None, "Stage config whose data chain to prepare, e.g. "
-      "configs/stage1.py.", lock_config=True)
-  flags.DEFINE_string("out", None, "Store folder (created; a rerun resumes).")
-  flags.DEFINE_integer("process_index", None, "This process's share "
-                       "(default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, or 0).")
-  flags.DEFINE_integer("process_count", None, "Number of shares (default: "
-                       "SLURM_ARRAY_TASK_COUNT, or 1).")
-  flags.DEFINE_integer("workers", 1, "Local processes sharing this share.")
-  flags.DEFINE_bool("plan_only", False, "Only write plan.json (the subject list).")
-  flags.DEFINE_bool("index_only", False, "Only write index.json from finished entries.")
-  flags.mark_flags_as_required(["config", "out"])
-
-
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  app.run(main)
+  tool_flags.run(main)

@@ -19,8 +19,8 @@ def export(workdir: str, out: str, fmt: str, which: str | int = "latest",
   `out` appears only once complete (`atomic_io`): an interrupted export or a
   full disk leaves no file there, or the earlier one unchanged. Missing
   parent folders are created. The file records the run's patch-merging
-  order (`convert.torch_blob`, `convert.safetensors_metadata`), so importing
-  it needs no flag.
+  order (`weight_files.torch_blob`, `weight_files.safetensors_metadata`), so
+  importing it needs no flag.
 
   Args:
     workdir: the run.
@@ -34,7 +34,7 @@ def export(workdir: str, out: str, fmt: str, which: str | int = "latest",
   Returns:
     A description of what was written, and which MONAI computes it.
   """
-  from bsf_jax.weights import convert  # torch is an optional extra: import lazily.
+  from bsf_jax.weights import convert, weight_files  # torch is an optional extra: import lazily.
   # All steps of a run share the contract: any readable one names the model
   # (needed first, as "best" is ranked by a model-specific metric).
   model = checkpointing.run_meta(workdir).get("contract", {}).get("model", {})
@@ -64,13 +64,13 @@ def export(workdir: str, out: str, fmt: str, which: str | int = "latest",
     # OSError (not a library's own error) and the file is never partial.
     atomic_io.write_bytes(out, save(
         {k: v.contiguous() for k, v in state_dict.items()},
-        metadata=convert.safetensors_metadata(
+        metadata=weight_files.safetensors_metadata(
             order, contract=json.dumps(meta.get("contract", {})), step=str(step),
             kind=kind)))
   else:
     import torch
-    blob = convert.torch_blob(state_dict, order, bsf=fmt == "bsf", global_step=step)
+    blob = weight_files.torch_blob(state_dict, order, bsf=fmt == "bsf", global_step=step)
     with atomic_io.open_atomic(out, "wb") as f:
       torch.save(blob, f)
   return (f"wrote {len(state_dict)} tensors ({kind}, step {step}, format "
-          f"{fmt}) to {out}\n{convert.monai_export_note(order)}")
+          f"{fmt}) to {out}\n{weight_files.monai_export_note(order)}")

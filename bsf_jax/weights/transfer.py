@@ -2,7 +2,7 @@
 
 `config.init_from` may be a bsf_jax workdir or checkpoint step, or a PyTorch
 or safetensors file in the MONAI SwinUNETR, BrainSegFounder SSL or original
-`model_swinvit.pt` format (through `bsf_jax.weights.convert`).
+`model_swinvit.pt` format (through `bsf_jax.weights.weight_files`).
 
 Params are matched by path. Equal shapes are copied. A shape that differs only
 in the modality-channel axis (the patch embedding's input channels, the SSL
@@ -43,14 +43,14 @@ class TransferError(ValueError):
 
 
 def _read_torch_file(path: str):
-  """`convert.read_torch_file` of `config.init_from`, errors naming it."""
+  """`weight_files.read_torch_file` of `config.init_from`, errors naming it."""
   if not path.endswith(_TORCH_SUFFIXES):
     raise TransferError(
         f"config.init_from={path!r} is a file but not a PyTorch/safetensors "
         f"file ({', '.join(_TORCH_SUFFIXES)})")
-  from bsf_jax.weights import convert  # pylint: disable=g-import-not-at-top  # Needs torch: lazy.
+  from bsf_jax.weights import weight_files  # pylint: disable=g-import-not-at-top  # Needs torch: lazy.
   try:
-    return convert.read_torch_file(path)
+    return weight_files.read_torch_file(path)
   except Exception as e:
     # torch/safetensors errors (a refused pickle, a truncated zip) do not
     # say which file; the user needs to know it was config.init_from.
@@ -117,7 +117,7 @@ def load_source(path: str, init_from_step: str | int = "best", target: Any = Non
 
 
 def load_torch_params(torch_file) -> dict[str, Any]:
-  """A `convert.TorchFile` as a bsf_jax params tree (an encoder under `swinViT`)."""
+  """A `weight_files.TorchFile` as a bsf_jax params tree (an encoder under `swinViT`)."""
   # pylint: disable=g-import-not-at-top
   from bsf_jax.weights import convert
   from bsf_jax import models
