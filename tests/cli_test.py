@@ -197,7 +197,6 @@ def _step_metas(run_dir):
 
 
 def test_inference_settings_recorded_then_overridden(run):
-  from bsf_jax import predict
   defaults = config_lib.seg_config()
   metas = _step_metas(run)
   assert metas, os.listdir(run)
@@ -356,13 +355,13 @@ def _prob_path(out_dir, subject):
 def test_saved_probabilities_reload_to_the_written_labels(run, single_prediction):
   import nibabel as nib
   from bsf_jax.infer import metrics
-  from bsf_jax import predict
+  from bsf_jax.weights import prediction
   one, out_dir, _ = single_prediction
   pred = nib.load(os.path.join(out_dir, os.path.basename(one) + "_pred.nii.gz"))
   with np.load(_prob_path(out_dir, one)) as raw:
     assert raw["probabilities"].dtype == np.float16
     assert raw["probabilities"].shape == (*pred.shape, 3)
-  saved = predict.load_probabilities(_prob_path(out_dir, one))
+  saved = prediction.load_probabilities(_prob_path(out_dir, one))
   # The input's own orientation and affine, like the labels beside them.
   np.testing.assert_array_equal(saved["affine"], pred.affine)
   assert saved["regions"] == ["TC", "WT", "ET"] and saved["threshold"] == 0.5
@@ -378,12 +377,12 @@ def test_saved_probabilities_reload_to_the_written_labels(run, single_prediction
 
 def test_saved_probabilities_keep_their_side_of_the_threshold():
   from bsf_jax.infer import metrics
-  from bsf_jax import predict
+  from bsf_jax.weights import prediction
   # float16 rounds 0.49998 up to 0.5 and 0.30001 down below 0.3.
   for t, values in ((0.5, [0.49998, 0.5, 0.50001, 0.2, 0.9]),
                     (0.3, [0.30001, 0.29999, 0.3, 0.1])):
     p = np.asarray(values, np.float32)
-    half = predict.to_float16(p, t)
+    half = prediction.to_float16(p, t)
     assert half.dtype == np.float16
     np.testing.assert_array_equal(metrics.binarize(half.astype(np.float32), t),
                                   metrics.binarize(p, t))
@@ -393,7 +392,7 @@ def test_saved_probabilities_keep_their_side_of_the_threshold():
 def test_ensemble_of_one_checkpoint_twice_is_the_single_prediction(
     run, single_prediction, tmp_path):
   from bsf_jax.infer import metrics
-  from bsf_jax import predict
+  from bsf_jax.weights import prediction
   one, single_dir, _ = single_prediction
   out = tmp_path / "ensemble"
   # `--checkpoint A B`: the words after the flag are checkpoints too.
@@ -402,8 +401,8 @@ def test_ensemble_of_one_checkpoint_twice_is_the_single_prediction(
   assert result.returncode == 0, result.stderr[-3000:]
   assert "ensemble: 2 checkpoints: 2 sliding-window passes per volume" in (
       result.stdout), result.stdout
-  single = predict.load_probabilities(_prob_path(single_dir, one))
-  twice = predict.load_probabilities(_prob_path(out, one))
+  single = prediction.load_probabilities(_prob_path(single_dir, one))
+  twice = prediction.load_probabilities(_prob_path(out, one))
   assert len(twice["ensemble"]["checkpoints"]) == 2
   # The mean of two equal predictions is the prediction; the float32 values
   # may differ in rounding (another program around the model), so the float16

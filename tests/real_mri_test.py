@@ -130,12 +130,12 @@ def test_stage3_overfits_the_real_tumour(finetuned):
 
 
 def test_predict_real_2023_named_case(finetuned, tmp_path, capsys):
-  from bsf_jax import predict
+  from bsf_jax.weights import prediction
   workdir, crop = finetuned
   case23 = _link_2023(str(tmp_path), crop)
   out = tmp_path / "out"
   # The run's own sliding-window settings, as validation used them.
-  predict._predict(workdir, case23, str(out), "latest")
+  prediction.predict_subjects(workdir, case23, str(out), "latest")
   printed = capsys.readouterr().out
   # A 2021-trained checkpoint says which convention it wrote, and notes
   # the 2023-named input.
@@ -155,10 +155,10 @@ def test_predict_real_2023_named_case(finetuned, tmp_path, capsys):
   from bsf_jax.run.checkpointing import restore_params
   meta = restore_params(workdir, "latest")[1]
   assert meta["contract"]["labels"]["values"] == {"1": "NCR", "2": "ED", "4": "ET"}
-  conv, source = predict.output_convention(meta["contract"], "brats2023")
+  conv, source = prediction.output_convention(meta["contract"], "brats2023")
   assert conv.name == "brats2023" and "trained on brats2021" in source
   with pytest.raises(ValueError, match="regions"):
-    predict.output_convention(meta["contract"], "atlas")
+    prediction.output_convention(meta["contract"], "atlas")
 
 
 def test_evaluate_brats2023_convention_on_the_real_crop(finetuned, tmp_path):

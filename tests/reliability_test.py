@@ -683,7 +683,7 @@ def test_corrupt_newest_checkpoint_gives_one_line_errors(ssl_run, tmp_path):
   import ml_collections
   import shutil
   from bsf_jax.run import checkpointing
-  from bsf_jax import predict
+  from bsf_jax.weights import prediction
   from bsf_jax.weights import evaluation
   workdir = str(tmp_path / "run")
   shutil.copytree(ssl_run, workdir)
@@ -708,7 +708,7 @@ def test_corrupt_newest_checkpoint_gives_one_line_errors(ssl_run, tmp_path):
   assert out.exists() and not (tmp_path / "x.pt").exists()
   needle = f"checkpoint step {bad} ("
   with pytest.raises(checkpointing.CheckpointError, match=re.escape(needle)):
-    predict._predict(workdir, "unused", str(tmp_path / "p"), "latest")
+    prediction.predict_subjects(workdir, "unused", str(tmp_path / "p"), "latest")
   config = ml_collections.ConfigDict({"data": {"label_format": "brats2021"}})
   with pytest.raises(checkpointing.CheckpointError, match="--step"):
     evaluation.evaluate_run(workdir, config, str(tmp_path / "ev"), "latest")
