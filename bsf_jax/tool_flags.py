@@ -11,10 +11,14 @@ into one process (a test session) must not define theirs there.
 A tool's `main(argv)` takes the words after the program name and starts with
 `parse(FLAGS, argv)`. Run as the program (`run`), app.run has parsed them already;
 called in process (`check.main(["--datalist", path])`, as tests do), `parse` reads
-them with the tool's own flags, every call from the defaults.
+them with the tool's own flags, every call from the defaults. A program that runs
+tools as its commands (`python -m bsf_jax.bench data ...`) imports them, so their
+flags are their own too: `run_command` calls `main` in process and gives each
+command what app.run gives a program, its `--help` and its error messages.
 """
 
 import sys
+import types
 from typing import Callable, Sequence
 
 from absl import app, flags
@@ -57,3 +61,31 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None,
 def run(main: Callable[[list[str]], int | None]) -> None:
   """Runs a tool as the program: app.run parses sys.argv, `main` gets the rest."""
   app.run(lambda argv: main(argv[1:]))
+
+
+_HELP_WORDS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+
+
+def run_command(tool: types.ModuleType, argv: Sequence[str]) -> int:
+  """Runs the tool `tool` (a module with `FLAGS` and `main`) as a program's command.
+
+  Args:
+    tool: the command's module.
+    argv: the words after the command's name.
+
+  Returns:
+    The exit code: `main`'s, 0 for --help (which prints the module's
+    docstring and flags), 1 for a flag or word the tool does not take (which
+    prints why).
+  """
+  argv = list(argv)
+  flag_words = argv[:argv.index("--")] if "--" in argv else argv
+  if any(word in _HELP_WORDS for word in flag_words):
+    print(f"{(tool.__doc__ or '').rstrip()}\n\nFlags:\n{tool.FLAGS.get_help(prefix='  ')}")
+    return 0
+  try:
+    return tool.main(argv) or 0
+  except (flags.Error, app.UsageError) as e:
+    print(f"FATAL Flags parsing error: {e}\nPass --help to see the command's flags.",
+          file=sys.stderr)
+    return 1

@@ -34,7 +34,6 @@ runs those parts alone, for a session with little device time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -43,7 +42,12 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 
+from absl import flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # Run as a script, from launch/: the package is the repository's.
+  sys.path.insert(0, ROOT)
+from bsf_jax import tool_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # (name, bench ssl flags, with the reference, seconds it is expected to need).
 SSL_CASES = [
@@ -76,6 +80,20 @@ TEST_CASES = [("models_test-highest", "highest", 150), ("models_test-default", "
 # bench scale on the GPU itself: per-device shapes of stage 1 (4 crops) and stage 3 (1 crop).
 SCALE_CASE = ("scale-native", "--native --devices 1 --sizes tiny --meshes dp --dtypes bf16 "
               "--remat none,block --stages 1,3", 150)
+
+FLAGS = tool_flags.flag_values(__name__)
+flags.DEFINE_string("out", None, "folder of gpu_check.json, gpu_check.md and gpu_check.log",
+                    flag_values=FLAGS)
+flags.mark_flag_as_required("out", flag_values=FLAGS)
+flags.DEFINE_float("budget-s", 470.0, "start no new work past this many seconds",
+                   flag_values=FLAGS)
+flags.DEFINE_string("only", ",".join(PARTS),
+                    f"comma list of the parts to run, of {','.join(PARTS)} (default: all)",
+                    flag_values=FLAGS)
+flags.register_validator("only", lambda only: not set(only.split(",")) - set(PARTS),
+                         f"expected a comma list of {', '.join(PARTS)}", flag_values=FLAGS)
+flags.DEFINE_bool("smoke", False, "tiny shapes, two cases of each kind, the reference on the CPU: "
+                  "checks this script itself on a machine without a GPU", flag_values=FLAGS)
 
 
 def _install_wheels(log) -> None:
@@ -130,36 +148,26 @@ def _pytest_summary(xml_path: str) -> dict:
       "failed": failed, "time_s": float(suite.get("time", 0))}
 
 
-def main() -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", required=True)
-  p.add_argument("--budget-s", type=float, default=470.0,
-                 help="start no new work past this many seconds")
-  p.add_argument("--only", default=",".join(PARTS),
-                 help=f"comma list of the parts to run, of {','.join(PARTS)} (default: all)")
-  p.add_argument("--smoke", action="store_true",
-                 help="tiny shapes, two cases of each kind, the reference on the CPU: "
-                 "checks this script itself on a machine without a GPU")
-  args = p.parse_args()
-  only = set(args.only.split(","))
-  if only - set(PARTS):
-    p.error(f"--only {args.only}: expected a comma list of {', '.join(PARTS)}")
-  os.makedirs(args.out, exist_ok=True)
+def main(argv: list[str]) -> int:
+  tool_flags.parse(FLAGS, argv)
+  out_dir, budget_s, smoke = FLAGS.out, FLAGS["budget-s"].value, FLAGS.smoke
+  only = set(FLAGS.only.split(","))
+  os.makedirs(out_dir, exist_ok=True)
   start = time.perf_counter()
-  left = lambda: args.budget_s - (time.perf_counter() - start)
-  results = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget_s,
+  left = lambda: budget_s - (time.perf_counter() - start)
+  results = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": budget_s,
              "ssl": {}, "infer": {}, "ensemble": {}, "tests": {}, "scale": {}}
   tmp = tempfile.mkdtemp(prefix="gpu_check_")
-  log_path = os.path.join(args.out, "gpu_check.log")
+  log_path = os.path.join(out_dir, "gpu_check.log")
   with open(log_path, "w") as log:
     _install_wheels(log)
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
-    if not args.smoke:
+    if not smoke:
       env.pop("JAX_PLATFORMS", None)
     results["environment"] = _environment()
     log.write(json.dumps(results["environment"], indent=2) + "\n")
 
-    def bench(kind, name, flags, estimate, extra, part=None):
+    def bench(kind, name, case_flags, estimate, extra, part=None):
       part = part or kind
       if part not in only:
         return
@@ -168,7 +176,7 @@ def main() -> int:
         return
       out_json = os.path.join(tmp, name + ".json")
       # The case's own flags last: they override the shared ones.
-      cmd = [sys.executable, "-m", "bsf_jax.bench", kind, *extra, *flags.split(),
+      cmd = [sys.executable, "-m", "bsf_jax.bench", kind, *extra, *case_flags.split(),
              "--json", out_json]
       rc, wall = _run(cmd, min(left() + 30, max(240, 1.5 * estimate)), log, env)
       entry = {"rc": rc, "wall_s": wall, "command": " ".join(cmd[1:])}
@@ -177,9 +185,9 @@ def main() -> int:
           data = json.load(f)
         entry.update(data if isinstance(data, dict) else {"rows": data})
       results[part][name] = entry
-      _write(args.out, results)
+      _write(out_dir, results)
 
-    torch_device = "cpu" if args.smoke else "cuda"
+    torch_device = "cpu" if smoke else "cuda"
     ssl_common = ["--no-reexec", "--size", "tiny", "--roi", "96", "--batch", "4", "--steps", "5",
                   "--in-channels", "2"]
     infer_common = ["--volume", "240,240,155", "--in-channels", "4", "--roi", "96",
@@ -187,7 +195,7 @@ def main() -> int:
                     "--torch-device", torch_device, "--amp"]
     ssl_cases, test_filter = SSL_CASES, []
     ensemble_cases = ENSEMBLE_CASES
-    if args.smoke:
+    if smoke:
       ssl_common = ["--no-reexec", "--size", "1,1,1,1", "--roi", "64", "--batch", "1",
                     "--steps", "5", "--in-channels", "2", "--feature-size", "12"]
       # roi 64: MONAI's instance norm refuses the 1^3 bottleneck of roi 32.
@@ -195,17 +203,17 @@ def main() -> int:
       infer_common += ["--feature", "12", "--size", "1,1,1,1"]
       ssl_cases, test_filter = [SSL_CASES[0], SSL_CASES[2]], ["-k", "impl_choice"]
       # 2 models x 2 flips with the CPU kernels: the orchestration, in minutes.
-      ensemble_cases = [(name, flags.replace("--ensemble 5", "--ensemble 2 --mirror-axes x")
+      ensemble_cases = [(name, case_flags.replace("--ensemble 5", "--ensemble 2 --mirror-axes x")
                          .replace("--impl xla --dtype bf16", "--impl cpu --dtype fp32"), estimate)
-                        for name, flags, estimate in ENSEMBLE_CASES]
+                        for name, case_flags, estimate in ENSEMBLE_CASES]
     # BraTS fine-tuning's window (roi 128) for the ensembles.
-    ensemble_common = [*infer_common, "--roi", "128" if not args.smoke else "64"]
-    for name, flags, reference, estimate in ssl_cases[:6]:
+    ensemble_common = [*infer_common, "--roi", "128" if not smoke else "64"]
+    for name, case_flags, reference, estimate in ssl_cases[:6]:
       ref = ["--reference", "--torch-device", torch_device, "--amp"] if reference else []
-      bench("ssl", name, flags, estimate, ssl_common + ref)
+      bench("ssl", name, case_flags, estimate, ssl_common + ref)
     bench("infer", *INFER_CASES[0][:2], INFER_CASES[0][2], infer_common)
-    for name, flags, estimate in ensemble_cases:
-      bench("infer", name, flags, estimate, ensemble_common, part="ensemble")
+    for name, case_flags, estimate in ensemble_cases:
+      bench("infer", name, case_flags, estimate, ensemble_common, part="ensemble")
     for name, precision, estimate in TEST_CASES:
       if "tests" not in only:
         break
@@ -219,17 +227,17 @@ def main() -> int:
                       dict(env, BSF_TEST_MATMUL_PRECISION=precision,
                            XLA_PYTHON_CLIENT_MEM_FRACTION="0.2"))
       results["tests"][name] = {"rc": rc, "wall_s": wall} | _pytest_summary(xml_path)
-      _write(args.out, results)
-    for name, flags, _, estimate in ssl_cases[6:]:
-      bench("ssl", name, flags, estimate, ssl_common)
-    if not args.smoke:
+      _write(out_dir, results)
+    for name, case_flags, _, estimate in ssl_cases[6:]:
+      bench("ssl", name, case_flags, estimate, ssl_common)
+    if not smoke:
       bench("infer", *INFER_CASES[1][:2], INFER_CASES[1][2], infer_common)
     scale_name, scale_flags, scale_estimate = SCALE_CASE
     bench("scale", scale_name, scale_flags, scale_estimate,
-          ["--feature-size", "12", "--roi", "64"] if args.smoke else [])
+          ["--feature-size", "12", "--roi", "64"] if smoke else [])
   results["total_s"] = time.perf_counter() - start
-  _write(args.out, results)
-  print(open(os.path.join(args.out, "gpu_check.md")).read())
+  _write(out_dir, results)
+  print(open(os.path.join(out_dir, "gpu_check.md")).read())
   return 0
 
 
@@ -313,4 +321,4 @@ def _write(out: str, results: dict) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  tool_flags.run(main)

@@ -331,7 +331,7 @@ def test_bench_data_runs_every_side(tmp_path):
   """`bench data` on small synthetic volumes: every side runs and is reported."""
   from bsf_jax.bench import data as bench_data  # pylint: disable=g-import-not-at-top
   out = tmp_path / "rates.json"
-  assert bench_data.main(["data", "--small-demo", "--stages", "1", "--subjects", "2",
+  assert bench_data.main(["--small-demo", "--stages", "1", "--subjects", "2",
                           "--seconds", "0.1", "--rounds", "1", "--json", str(out)]) == 0
   result = json.loads(out.read_text())["stage1"]
   assert set(result["rates"]) == {"plain", "cache", "store", "monai_persistent"}

@@ -262,7 +262,7 @@ def test_bench_scale_stage3_fsdp_gathers_only_parameters(tmp_path):
   from bsf_jax.bench import scale  # pylint: disable=g-import-not-at-top
   out = tmp_path / "rows.json"
   assert scale.main([
-      "scale", "--devices", "8", "--sizes", "tiny", "--meshes", "fsdp",
+      "--devices", "8", "--sizes", "tiny", "--meshes", "fsdp",
       "--fsdp", "2", "--dtypes", "fp32", "--remat", "none", "--stages", "3",
       "--feature-size", "12", "--roi", "32", "--json", str(out)]) == 0
   (row,) = json.loads(out.read_text())

@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m bsf_jax.bench {data,ssl,infer} [flags]`.
+"""Benchmarks: `python -m bsf_jax.bench {data,ssl,infer,scale} [flags]`.
 
 Each benchmark measures bsf_jax and its reference (MONAI/PyTorch) in the same
 run and prints the ratio, because these machines are too noisy for numbers

@@ -1,30 +1,49 @@
-"""What the model benchmarks share: the kernel flags, peak memory, JSON results."""
+"""What the benchmarks share: their flags, peak memory, JSON results."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from typing import Any
+import types
+from typing import Any, Sequence
+
+from absl import flags
+
+from bsf_jax import tool_flags
 
 
-def add_kernel_args(p: argparse.ArgumentParser) -> None:
-  """--impl, --attention, --remat, --dtype, --torch-device, --amp, --json."""
+def define_kernel_flags(flag_values: flags.FlagValues) -> None:
+  """--impl, --attention, --remat, --dtype, --torch-device, --amp, --json of a model benchmark."""
   from bsf_jax.models import swin_config  # pylint: disable=g-import-not-at-top
-  p.add_argument("--impl", default="auto", choices=swin_config.IMPLS,
-                 help="kernel path (docs/models.md)")
-  p.add_argument("--attention", default="einsum", choices=swin_config.ATTENTION_KERNELS)
-  p.add_argument("--remat", default="none", choices=swin_config.REMAT_CHOICES)
-  p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                 help="bsf_jax compute dtype")
-  p.add_argument("--torch-device", default="cpu", help="device of the PyTorch reference "
-                 "(cpu or cuda)")
-  p.add_argument("--amp", action="store_true",
-                 help="reference under torch.autocast(bfloat16), as AMP training runs")
-  p.add_argument("--json", default="", help="also write the results to this JSON file")
+  flags.DEFINE_enum("impl", "auto", swin_config.IMPLS, "kernel path (docs/models.md)",
+                    flag_values=flag_values)
+  flags.DEFINE_enum("attention", "einsum", swin_config.ATTENTION_KERNELS,
+                    "attention kernel (docs/models.md)", flag_values=flag_values)
+  flags.DEFINE_enum("remat", "none", swin_config.REMAT_CHOICES,
+                    "rematerialisation (docs/models.md)", flag_values=flag_values)
+  flags.DEFINE_enum("dtype", "fp32", ("fp32", "bf16"), "bsf_jax compute dtype",
+                    flag_values=flag_values)
+  flags.DEFINE_string("torch-device", "cpu", "device of the PyTorch reference (cpu or cuda)",
+                      flag_values=flag_values)
+  flags.DEFINE_bool("amp", False, "reference under torch.autocast(bfloat16), as AMP training runs",
+                    flag_values=flag_values)
+  flags.DEFINE_string("json", "", "also write the results to this JSON file",
+                      flag_values=flag_values)
 
 
-def compute_dtype(args: argparse.Namespace):
+def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None) -> types.SimpleNamespace:
+  """A benchmark's flags, parsed from `argv` (the words after the program name).
+
+  By attribute, `-` in a name read as `_` (`args.torch_device` for
+  --torch-device): the benchmarks hand them on whole, and `vars(args)` is the
+  record of a run in their JSON results.
+  """
+  tool_flags.parse(flag_values, argv)
+  return types.SimpleNamespace(**{name.replace("-", "_"): value
+                                  for name, value in flag_values.flag_values_dict().items()})
+
+
+def compute_dtype(args: types.SimpleNamespace):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   return jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
 
@@ -36,7 +55,7 @@ def jax_peak_memory_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def torch_autocast(args: argparse.Namespace):
+def torch_autocast(args: types.SimpleNamespace):
   """The reference's autocast context (bfloat16 with --amp, else a no-op)."""
   import contextlib  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -45,14 +64,14 @@ def torch_autocast(args: argparse.Namespace):
   return torch.autocast(device_type=args.torch_device.split(":")[0], dtype=torch.bfloat16)
 
 
-def torch_peak_memory_bytes(args: argparse.Namespace) -> int | None:
+def torch_peak_memory_bytes(args: types.SimpleNamespace) -> int | None:
   import torch  # pylint: disable=g-import-not-at-top
   if args.torch_device.startswith("cuda"):
     return int(torch.cuda.max_memory_allocated())
   return None
 
 
-def torch_sync(args: argparse.Namespace) -> None:
+def torch_sync(args: types.SimpleNamespace) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   if args.torch_device.startswith("cuda"):
     torch.cuda.synchronize()

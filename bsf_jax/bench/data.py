@@ -40,16 +40,18 @@ scale --data-rates` reads the per-CPU-second rates.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 import threading
 import time
 
+from absl import flags
 import numpy as np
 import psutil
 
+from bsf_jax import tool_flags
+from bsf_jax.bench import common
 from bsf_jax.data import demo
 from bsf_jax.data import pipeline
 
@@ -57,6 +59,22 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 REAL = os.path.join(os.path.dirname(_REPO), "shared", "real-mri")
 _MS = ("ms_patient19", "patient19_T1_MNI.nii.gz", "patient19_FLAIR_MNI.nii.gz")
 _BRATS = "Brats18_TCIA05_396_1"
+
+FLAGS = tool_flags.flag_values(__name__)
+flags.DEFINE_string("real", REAL, "folder of the real scans", flag_values=FLAGS)
+flags.DEFINE_string("stages", "1,3", "stages to time, of 1 and 3", flag_values=FLAGS)
+flags.DEFINE_integer("subjects", 4, "subjects per stage (links to the one real case)",
+                     flag_values=FLAGS)
+flags.DEFINE_float("seconds", 5.0, "timed seconds per side", flag_values=FLAGS)
+flags.DEFINE_integer("rounds", 3, "every side this many times in turn; medians reported",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("core", 0, "the one core to run on", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "write the rates here", flag_values=FLAGS)
+flags.DEFINE_bool("small-demo", False,
+                  "small synthetic volumes, 16^3 crops (a check of the bench)", flag_values=FLAGS)
+flags.DEFINE_integer("memory", 0, "stream N small subjects, peak RSS", flag_values=FLAGS)
+flags.DEFINE_bool("memory-only", False, "only the memory check", flag_values=FLAGS)
+flags.DEFINE_integer("workers", 2, "Grain workers (memory check)", flag_values=FLAGS)
 
 
 def _link(src, dst):
@@ -367,23 +385,8 @@ def _throughput(args, tmp: str) -> dict:
   return results
 
 
-def main(argv) -> int:
-  parser = argparse.ArgumentParser(prog=argv[0], description=__doc__.split("\n")[0])
-  parser.add_argument("--real", default=REAL, help="folder of the real scans")
-  parser.add_argument("--stages", default="1,3")
-  parser.add_argument("--subjects", type=int, default=4,
-                      help="subjects per stage (links to the one real case)")
-  parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per side")
-  parser.add_argument("--rounds", type=int, default=3,
-                      help="every side this many times in turn; medians reported")
-  parser.add_argument("--core", type=int, default=0, help="the one core to run on")
-  parser.add_argument("--json", default="", help="write the rates here")
-  parser.add_argument("--small-demo", action="store_true",
-                      help="small synthetic volumes, 16^3 crops (a check of the bench)")
-  parser.add_argument("--memory", type=int, default=0, help="stream N small subjects, peak RSS")
-  parser.add_argument("--memory-only", action="store_true", help="only the memory check")
-  parser.add_argument("--workers", type=int, default=2, help="Grain workers (memory check)")
-  args = parser.parse_args(argv[1:])
+def main(argv: list[str]) -> int:
+  args = common.parse(FLAGS, argv)
   with tempfile.TemporaryDirectory(prefix="bsf_bench_data_") as tmp:
     if args.memory_only:
       volumes, peak = _memory(os.path.join(tmp, "mem"), args.memory or 100, args.workers)

@@ -34,45 +34,44 @@ before and after each case (the faster is the unit).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
+from absl import flags
 import numpy as np
 
+from bsf_jax import tool_flags
 from bsf_jax.bench import common
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog=argv[0], description=__doc__.split("\n")[0])
-  p.add_argument("--size", default="tiny",
-                 help="tiny|small|big or depths like 2,2,4,2 (default tiny)")
-  p.add_argument("--feature", type=int, default=48, help="feature_size")
-  p.add_argument("--roi", type=int, default=96, help="cubic window size")
-  p.add_argument("--sw-batch", type=int, default=4, help="windows per call")
-  p.add_argument("--volume", default="240,240,155",
-                 help="spatial size H,W,D of the volume")
-  p.add_argument("--in-channels", type=int, default=4)
-  p.add_argument("--out-channels", type=int, default=3)
-  p.add_argument("--overlap", type=float, default=0.5)
-  p.add_argument("--mode", default="gaussian", choices=("constant", "gaussian"))
-  p.add_argument("--repeats", type=int, default=1,
-                 help="MONAI runs per case; bsf_jax runs one more, interleaved "
-                 "(bsf_jax, MONAI, bsf_jax, ...); each side's fastest is reported")
-  p.add_argument("--threads", type=int, default=0,
-                 help="torch intra-op threads (0: all cores, as XLA uses)")
-  p.add_argument("--shard", action="store_true",
-                 help="shard windows over all jax devices (mesh axis data)")
-  p.add_argument("--ensemble", type=int, default=0,
-                 help="also time N models and N models x 8 flips (0: one model only)")
-  p.add_argument("--mirror-axes", default="xyz",
-                 help="axes the mirrored case flips (xyz: 8 flips)")
-  p.add_argument("--models-per-step", type=int, default=0,
-                 help="members vmapped together (0: the platform default, "
-                 "inference.default_models_per_step)")
-  p.add_argument("--seed", type=int, default=0)
-  common.add_kernel_args(p)
-  return p.parse_args(argv[1:])
+FLAGS = tool_flags.flag_values(__name__)
+flags.DEFINE_string("size", "tiny", "tiny|small|big or depths like 2,2,4,2 (default tiny)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("feature", 48, "feature_size", flag_values=FLAGS)
+flags.DEFINE_integer("roi", 96, "cubic window size", flag_values=FLAGS)
+flags.DEFINE_integer("sw-batch", 4, "windows per call", flag_values=FLAGS)
+flags.DEFINE_string("volume", "240,240,155", "spatial size H,W,D of the volume",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("in-channels", 4, "input channels", flag_values=FLAGS)
+flags.DEFINE_integer("out-channels", 3, "output channels", flag_values=FLAGS)
+flags.DEFINE_float("overlap", 0.5, "overlap of neighbouring windows", flag_values=FLAGS)
+flags.DEFINE_enum("mode", "gaussian", ("constant", "gaussian"), "how overlapping windows blend",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 1, "MONAI runs per case; bsf_jax runs one more, interleaved "
+                     "(bsf_jax, MONAI, bsf_jax, ...); each side's fastest is reported",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: all cores, as XLA uses)",
+                     flag_values=FLAGS)
+flags.DEFINE_bool("shard", False, "shard windows over all jax devices (mesh axis data)",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("ensemble", 0, "also time N models and N models x 8 flips (0: one model only)",
+                     flag_values=FLAGS)
+flags.DEFINE_string("mirror-axes", "xyz", "axes the mirrored case flips (xyz: 8 flips)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("models-per-step", 0, "members vmapped together (0: the platform default, "
+                     "inference.default_models_per_step)", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the weights and the volume", flag_values=FLAGS)
+common.define_kernel_flags(FLAGS)
 
 
 def _timed(fn) -> tuple[float, object]:
@@ -105,7 +104,7 @@ def _interleaved(ours, reference, repeats: int):
 
 def main(argv: list[str]) -> int:
   """Runs the benchmark; returns the process exit code."""
-  args = _parse(argv)
+  args = common.parse(FLAGS, argv)
   import jax
   import jax.numpy as jnp
   import ml_collections

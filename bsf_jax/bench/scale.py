@@ -33,13 +33,17 @@ measured (its `--json`, or `DATA_RATES`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import sys
 import time
+
+from absl import flags
+
+from bsf_jax import tool_flags
+from bsf_jax.bench import common
 
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                 "collective-permute")
@@ -206,31 +210,27 @@ def data_rates(path: str) -> dict[int, dict[str, float]]:
   return rates
 
 
-def _parse(argv):
-  p = argparse.ArgumentParser(prog=argv[0], description=__doc__.split("\n")[0])
-  p.add_argument("--devices", type=int, default=64)
-  p.add_argument("--sizes", default="tiny,small,big")
-  p.add_argument("--meshes", default="dp,fsdp", help="dp and/or fsdp")
-  p.add_argument("--fsdp", type=int, default=8, help="fsdp axis size")
-  p.add_argument("--dtypes", default="fp32,bf16")
-  p.add_argument("--remat", default="none,block",
-                 help="config.model.remat values")
-  p.add_argument("--stages", default="1,3")
-  p.add_argument("--gpu", default="h100",
-                 help="GPU whose dense peak sets the step time (h100, h200, a100, v100)")
-  p.add_argument("--mfu", default="0.05,0.1,0.3",
-                 help="model-FLOPs utilisations assumed for the step time")
-  p.add_argument("--data-rates", default="",
-                 help="`bench data --json` output (default: DATA_RATES)")
-  p.add_argument("--feature-size", type=int, default=0,
-                 help="model feature size (0: the config's)")
-  p.add_argument("--roi", type=int, default=0,
-                 help="cubic crop size (0: the config's)")
-  p.add_argument("--native", action="store_true",
-                 help="compile for this machine's devices (e.g. a GPU), not "
-                 "fake CPU ones")
-  p.add_argument("--json", default="", help="also write the rows here")
-  return p.parse_args(argv[1:])
+FLAGS = tool_flags.flag_values(__name__)
+flags.DEFINE_integer("devices", 64, "devices to compile for", flag_values=FLAGS)
+flags.DEFINE_string("sizes", "tiny,small,big", "model sizes, comma list", flag_values=FLAGS)
+flags.DEFINE_string("meshes", "dp,fsdp", "dp and/or fsdp", flag_values=FLAGS)
+flags.DEFINE_integer("fsdp", 8, "fsdp axis size", flag_values=FLAGS)
+flags.DEFINE_string("dtypes", "fp32,bf16", "compute dtypes, comma list", flag_values=FLAGS)
+flags.DEFINE_string("remat", "none,block", "config.model.remat values", flag_values=FLAGS)
+flags.DEFINE_string("stages", "1,3", "stage configs, comma list of 1 and 3", flag_values=FLAGS)
+flags.DEFINE_string("gpu", "h100",
+                    "GPU whose dense peak sets the step time (h100, h200, a100, v100)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("mfu", "0.05,0.1,0.3", "model-FLOPs utilisations assumed for the step time",
+                    flag_values=FLAGS)
+flags.DEFINE_string("data-rates", "", "`bench data --json` output (default: DATA_RATES)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("feature-size", 0, "model feature size (0: the config's)", flag_values=FLAGS)
+flags.DEFINE_integer("roi", 0, "cubic crop size (0: the config's)", flag_values=FLAGS)
+flags.DEFINE_bool("native", False,
+                  "compile for this machine's devices (e.g. a GPU), not fake CPU ones",
+                  flag_values=FLAGS)
+flags.DEFINE_string("json", "", "also write the rows here", flag_values=FLAGS)
 
 
 def _reexec_with_devices(n: int, argv: list[str]) -> int | None:
@@ -247,8 +247,7 @@ def _reexec_with_devices(n: int, argv: list[str]) -> int | None:
     return None
   import subprocess  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flag)
-  return subprocess.call([sys.executable, "-m", "bsf_jax.bench", "scale",
-                          *argv[1:]], env=env)
+  return subprocess.call([sys.executable, "-m", "bsf_jax.bench", "scale", *argv], env=env)
 
 
 def _mib(n: int) -> str:
@@ -256,7 +255,7 @@ def _mib(n: int) -> str:
 
 
 def main(argv: list[str]) -> int:
-  args = _parse(argv)
+  args = common.parse(FLAGS, argv)
   rates = data_rates(args.data_rates)
   rc = None if args.native else _reexec_with_devices(args.devices, argv)
   if rc is not None:
@@ -347,4 +346,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  tool_flags.run(main)

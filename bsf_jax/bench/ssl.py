@@ -23,12 +23,14 @@ timed), which favours the reference.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
 
+from absl import flags
+
+from bsf_jax import tool_flags
 from bsf_jax.bench import common
 
 _REEXEC_MARK = "BSF_BENCH_SSL_ENV"
@@ -39,31 +41,23 @@ DEFAULT_XLA_FLAGS = ""
 DEFAULT_ENV = "GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
 
 
-def _parse(argv):
-  p = argparse.ArgumentParser(prog=argv[0], description=__doc__.split("\n")[0])
-  p.add_argument("--size", default="tiny", help="tiny|small|big or depths "
-                 "'2,2,2,2'")
-  p.add_argument("--roi", type=int, default=96)
-  p.add_argument("--batch", type=int, default=2, help="volumes per step "
-                 "(2 views each)")
-  p.add_argument("--steps", type=int, default=5, help="timed steady steps "
-                 "(>= 5)")
-  p.add_argument("--feature-size", type=int, default=48)
-  p.add_argument("--in-channels", type=int, default=2)
-  common.add_kernel_args(p)
-  p.add_argument("--reference", action="store_true",
-                 help="also time the PyTorch/MONAI reference step")
-  p.add_argument("--xla-flags", default=DEFAULT_XLA_FLAGS,
-                 help="XLA_FLAGS for the run (appended to the current ones)")
-  p.add_argument("--env", default=DEFAULT_ENV,
-                 help="space-separated VAR=VALUE set for both sides; '' = "
-                 "none")
-  p.add_argument("--no-reexec", action="store_true",
-                 help="run in the current environment as is")
-  args = p.parse_args(argv[1:])
-  if args.steps < 5:
-    p.error(f"--steps {args.steps}: need >= 5 timed steps for a median")
-  return args
+FLAGS = tool_flags.flag_values(__name__)
+flags.DEFINE_string("size", "tiny", "tiny|small|big or depths '2,2,2,2'", flag_values=FLAGS)
+flags.DEFINE_integer("roi", 96, "cubic crop size", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 2, "volumes per step (2 views each)", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 5, "timed steady steps (>= 5)", flag_values=FLAGS)
+flags.register_validator("steps", lambda steps: steps >= 5,
+                         "need >= 5 timed steps for a median", flag_values=FLAGS)
+flags.DEFINE_integer("feature-size", 48, "model feature size", flag_values=FLAGS)
+flags.DEFINE_integer("in-channels", 2, "input channels", flag_values=FLAGS)
+common.define_kernel_flags(FLAGS)
+flags.DEFINE_bool("reference", False, "also time the PyTorch/MONAI reference step",
+                  flag_values=FLAGS)
+flags.DEFINE_string("xla-flags", DEFAULT_XLA_FLAGS,
+                    "XLA_FLAGS for the run (appended to the current ones)", flag_values=FLAGS)
+flags.DEFINE_string("env", DEFAULT_ENV, "space-separated VAR=VALUE set for both sides; '' = none",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("no-reexec", False, "run in the current environment as is", flag_values=FLAGS)
 
 
 def _reexec(argv, args) -> None:
@@ -77,8 +71,7 @@ def _reexec(argv, args) -> None:
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
   env[_REEXEC_MARK] = "1"
   sys.stdout.flush()
-  os.execve(sys.executable, [sys.executable, "-m", "bsf_jax.bench", "ssl",
-                             *argv[1:]], env)
+  os.execve(sys.executable, [sys.executable, "-m", "bsf_jax.bench", "ssl", *argv], env)
 
 
 def _timed(fn):
@@ -203,7 +196,7 @@ class _TorchSide:
 
 
 def main(argv: list[str]) -> int:
-  args = _parse(argv)
+  args = common.parse(FLAGS, argv)
   if not args.no_reexec and os.environ.get(_REEXEC_MARK) != "1":
     _reexec(argv, args)
   import jax  # pylint: disable=g-import-not-at-top
