@@ -464,10 +464,10 @@ def test_ckpt_init_from_truncated_torch_file(run, tmp_path):
 
 
 def test_ckpt_export_from_empty_workdir(tmp_path):
-  from bsf_jax.run import checkpointing
+  from bsf_jax.run import checkpoint_reads
   os.makedirs(tmp_path / "empty" / "checkpoints")
   with pytest.raises(FileNotFoundError, match="No complete checkpoint in"):
-    checkpointing.restore_params(str(tmp_path / "empty"))
+    checkpoint_reads.restore_params(str(tmp_path / "empty"))
 
 
 # --- Command line -------------------------------------------------------------

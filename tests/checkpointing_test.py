@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsf_jax.run import checkpointing
+from bsf_jax.run import checkpoint_reads, checkpointing
 
 
 def _iterator():
@@ -35,10 +35,10 @@ def test_keeps_latest_and_best_never_evicting_newest(tmp_path):
   # Step 2 is the best; steps without metrics are kept only while newest.
   manager = _save_steps(tmp_path, [0.9, 0.1, None, 0.5, None, 0.7])
   assert sorted(manager.all_steps()) == [2, 5, 6]
-  assert checkpointing.resolve_step(manager, "best") == 2
-  assert checkpointing.resolve_step(manager, "latest") == 6
+  assert checkpoint_reads.resolve_step(manager, "best") == 2
+  assert checkpoint_reads.resolve_step(manager, "latest") == 6
   with pytest.raises(FileNotFoundError, match="kept steps: \\[2, 5, 6\\]"):
-    checkpointing.resolve_step(manager, 3)
+    checkpoint_reads.resolve_step(manager, 3)
 
 
 def test_restore_state_and_iterator_position(tmp_path):
@@ -61,7 +61,7 @@ def test_restore_params_reads_host_arrays(tmp_path):
   manager = checkpointing.make_manager(tmp_path / "w2")
   checkpointing.save(manager, 7, state, None, {"contract": {"x": 1}})
   manager.wait_until_finished()
-  params, meta, step = checkpointing.restore_params(str(tmp_path / "w2"))
+  params, meta, step = checkpoint_reads.restore_params(str(tmp_path / "w2"))
   assert step == 7 and meta["contract"] == {"x": 1}
   np.testing.assert_array_equal(params["a"], [1.0, 1.0])
 
@@ -77,7 +77,7 @@ def test_contract_mismatch_is_loud():
 
 def test_missing_checkpoint_dir_is_clear(tmp_path):
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    checkpointing.restore_params(str(tmp_path / "nope"))
+    checkpoint_reads.restore_params(str(tmp_path / "nope"))
 
 
 def test_interrupted_save_leaves_last_complete_step(tmp_path):

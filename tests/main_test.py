@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from bsf_jax.run import checkpointing, config_lib
+from bsf_jax.run import checkpoint_reads, checkpointing, config_lib
 from bsf_jax.trainers import finetune, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,7 @@ def test_pretrain_resume_transfer_finetune_export(cohort, tmp_path, caplog):
   caplog.clear()
   state = pretrain.train_and_evaluate(config, s2)
   # init_from_step="best" (the default) ranks stage 1 by its own metric.
-  best = checkpointing.best_step(checkpointing.make_manager(s1, read_only=True), "val_rec")
+  best = checkpoint_reads.best_step(checkpointing.make_manager(s1, read_only=True), "val_rec")
   assert f"init_from: {s1} step {best} (best by val_rec)" in caplog.text
   kernel = np.asarray(jax.device_get(
       state.params["swinViT"]["patch_embed"]["proj"]["kernel"]))

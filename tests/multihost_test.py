@@ -244,9 +244,16 @@ def test_resolve_errors_name_the_problem():
 
 
 def _scanner(process_id, port, root, tmp):
-  """One process of a 2-process run without a datalist (`run_datalist`)."""
+  """One process of a 2-process run without a datalist (`run_datalist`).
+
+  Writes what it saw to TMP/scanner{process_id}.json, not to stdout: XLA's
+  CPU collectives (Gloo, used by `run_datalist`'s broadcast) print "[Gloo]
+  Rank N is connected to ..." to stdout from their own threads, in several
+  writes when stdout is unbuffered (PYTHONUNBUFFERED), so a line printed
+  here can land in the middle of theirs.
+  """
   import json  # pylint: disable=g-import-not-at-top
-  from bsf_jax.data import DataError, datalists, pipeline  # pylint: disable=g-import-not-at-top
+  from bsf_jax.data import DataError, atomic_io, datalists, pipeline  # pylint: disable=g-import-not-at-top
   _join(process_id, port)
   real_scan = datalists.scan
 
@@ -261,14 +268,15 @@ def _scanner(process_id, port, root, tmp):
   # Process 0's scan fails: every process raises, none waits forever.
   empty = cfg.copy_and_resolve_references()
   empty.root = os.path.join(tmp, "empty")
+  outcome = {"error": None}
   try:
     datalists.run_datalist(empty, os.path.join(tmp, "wd_empty"))
-    print("NO ERROR", flush=True)
   except DataError as e:
-    print(f"ERROR {e}", flush=True)
+    outcome["error"] = str(e)
   cfg.datalist = datalists.run_datalist(cfg, os.path.join(tmp, "wd"))
-  train, val = datalists.load_datalist(cfg)
-  print("RECORDS", json.dumps([train, val]), flush=True)
+  outcome["records"] = list(datalists.load_datalist(cfg))
+  atomic_io.write_text(os.path.join(tmp, f"scanner{process_id}.json"),
+                       json.dumps(outcome))
 
 
 def test_two_processes_scan_once(tmp_path):
@@ -281,13 +289,13 @@ def test_two_processes_scan_once(tmp_path):
   logs = _run_two("scanner", root, tmp_path)
   with open(tmp_path / "scans.log") as f:
     assert f.read().split() == ["0", "0"]  # the failed scan, the good one
-  errors = [[l for l in log.splitlines() if l.startswith(("ERROR", "NO ERROR"))]
-            for log in logs]
-  assert "no ukb subjects found" in errors[0][0], logs[0][-3000:]
-  assert "process 0 could not scan" in errors[1][0], logs[1][-3000:]
-  records = [json.loads(next(l for l in log.splitlines()
-                             if l.startswith("RECORDS "))[len("RECORDS "):])
-             for log in logs]
+  outcomes = []
+  for i in range(2):
+    with open(tmp_path / f"scanner{i}.json") as f:
+      outcomes.append(json.load(f))
+  assert "no ukb subjects found" in str(outcomes[0]["error"]), logs[0][-3000:]
+  assert "process 0 could not scan" in str(outcomes[1]["error"]), logs[1][-3000:]
+  records = [o["records"] for o in outcomes]
   cfg = pipeline.default_config()
   cfg.update(dict(dataset="ukb", root=root, min_slices=50))
   assert records[0] == records[1] == json.loads(json.dumps(

@@ -152,7 +152,7 @@ def test_predict_real_2023_named_case(finetuned, tmp_path, capsys):
   seg = np.asarray(nib.load(os.path.join(case23, f"{CASE23}-seg.nii.gz")).dataobj)
   assert (pred[seg > 0] > 0).mean() > 0.5
   # The contract's convention, or another with the same regions on request.
-  from bsf_jax.run.checkpointing import restore_params
+  from bsf_jax.run.checkpoint_reads import restore_params
   meta = restore_params(workdir, "latest")[1]
   assert meta["contract"]["labels"]["values"] == {"1": "NCR", "2": "ED", "4": "ET"}
   conv, source = prediction.output_convention(meta["contract"], "brats2023")

@@ -292,8 +292,8 @@ def _steps(workdir):
 
 def _params(workdir, step="latest"):
   import jax
-  from bsf_jax.run import checkpointing
-  params, _, got = checkpointing.restore_params(workdir, step)
+  from bsf_jax.run import checkpoint_reads
+  params, _, got = checkpoint_reads.restore_params(workdir, step)
   return {"/".join(str(k.key) for k in path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}, got
 

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from scipy import stats
 
 from bsf_jax.step import seg_augment, sharding
-from bsf_jax.run import checkpointing, config_lib, kinds
+from bsf_jax.run import checkpoint_reads, config_lib, kinds
 from bsf_jax import models
 from bsf_jax.data import demo, pipeline
 from bsf_jax.data import transforms as T
@@ -194,7 +194,7 @@ def _train(brats, workdir, steps):
   job = loop.Job(model=model, loss_fn=finetune.make_loss_fn(model, config.seg, True),
                  kind=kinds.SEG, evaluate=None)
   loop.run(config, workdir, job, mesh)
-  params, _, step = checkpointing.restore_params(workdir, "latest")
+  params, _, step = checkpoint_reads.restore_params(workdir, "latest")
   return step, {jax.tree_util.keystr(p): np.asarray(x)
                 for p, x in jax.tree_util.tree_leaves_with_path(params)}
 

@@ -187,7 +187,7 @@ def test_init_from_restores_straight_into_the_fsdp_shardings(tmp_path, monkeypat
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from bsf_jax.run import checkpointing  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import checkpoint_reads, checkpointing  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("fsdp",))
   rng = np.random.default_rng(0)
@@ -206,7 +206,7 @@ def test_init_from_restores_straight_into_the_fsdp_shardings(tmp_path, monkeypat
 
   def no_host_copy(state_dir):
     raise AssertionError(f"the whole state of {state_dir} was restored on the host")
-  monkeypatch.setattr(checkpointing, "_host_params", no_host_copy)
+  monkeypatch.setattr(checkpoint_reads, "_host_params", no_host_copy)
   read, _, _ = transfer.load_source(str(tmp_path), "latest", target=target)
   # What the target lacks is not read at all.
   assert isinstance(read["rotation_head"]["kernel"], jax.ShapeDtypeStruct)

@@ -47,6 +47,8 @@ from typing import Any, Callable
 import grain
 import psutil
 
+from bsf_jax.data import procfs
+
 # How often a waiting `next()` checks the workers, and a worker its parent.
 POLL_S = 0.5
 # How long a worker found already reaped (exit status unknown) leaves Grain
@@ -82,12 +84,7 @@ def _exit_with_parent(parent: int) -> None:
 
 def _wait_status(pid: int) -> int | None:
   """A zombie's wait status (/proc/PID/stat field 52, Linux >= 3.5)."""
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      # The command name (field 2) may hold spaces: split after it.
-      return int(f.read().rsplit(")", 1)[1].split()[49])
-  except (OSError, IndexError, ValueError):
-    return None
+  return procfs.stat_field(pid, 52)
 
 
 def _how_it_died(status: int | None) -> str | None:

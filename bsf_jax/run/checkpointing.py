@@ -22,9 +22,10 @@ A complete step can still be unreadable: a truncated copy of a run directory,
 a full disk, a bad block. `restore_newest` then reports the step in one line
 (step, file, reason), moves it aside to `workdir/corrupt_checkpoints/` (never
 deleting it) and resumes from the newest step that restores; all processes
-try each step and agree on the outcome before going on. `restore_params`
-(export, predict, evaluate) names the failed step and the kept steps to pick
-with `--step` instead.
+try each step and agree on the outcome before going on. The read-only
+reads of export, predict, evaluate and stage transfer
+(`checkpoint_reads.restore_params`) name the failed step and the kept steps
+to pick with `--step` instead.
 """
 
 from __future__ import annotations
@@ -34,14 +35,13 @@ import json
 import logging
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import traverse_util
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -147,54 +147,6 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     raise ValueError(f"Checkpoint metadata {path} is corrupt: {e}") from None
 
 
-def best_metric_of(meta: dict[str, Any]) -> tuple[str, str]:
-  """(metric, mode) that ranks the checkpoints of the run `meta` belongs to."""
-  kind = kinds.of_model(meta.get("contract", {}).get("model", {}).get("name"))
-  return kind.best_metric, kind.best_mode
-
-
-def best_step(manager: ocp.CheckpointManager, metric: str,
-              mode: str = "min") -> int | None:
-  """The kept step with the best validation `metric`, or None if none has it."""
-  scored = []
-  for step in manager.all_steps():
-    try:
-      meta = read_meta(manager, step)
-    except (FileNotFoundError, ValueError) as e:
-      # An unreadable step cannot be the best one to use; say so and rank
-      # the others.
-      logging.warning("Not ranking checkpoint step %d: %s", step, e)
-      continue
-    value = meta.get("metrics", {}).get(metric)
-    if value is not None:
-      scored.append((value if mode == "min" else -value, step))
-  return min(scored)[1] if scored else None
-
-
-def resolve_step(manager: ocp.CheckpointManager, which: str | int | None,
-                 metric: str = kinds.SSL.best_metric,
-                 mode: str = kinds.SSL.best_mode) -> int:
-  """Turns "latest", "best" or a step number into an existing step."""
-  steps = manager.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"No complete checkpoint in {manager.directory}")
-  if which in (None, "latest"):
-    return max(steps)
-  if which == "best":
-    step = best_step(manager, metric, mode)
-    if step is None:
-      logging.warning("No checkpoint in %s has %r; using the latest.",
-                      manager.directory, metric)
-      return max(steps)
-    return step
-  step = int(which)
-  if step not in steps:
-    raise FileNotFoundError(
-        f"Checkpoint step {step} not in {manager.directory}; kept steps: "
-        f"{sorted(steps)}")
-  return step
-
-
 def _restore_items(directory: str, step: int, abstract_state: Any,
                    data_iter: Any | None) -> Any:
   """Restores state (and the data iterator) of one step, on this process.
@@ -259,7 +211,8 @@ def _culprit(step_dir: str, error: BaseException) -> str:
   return step_dir
 
 
-def _failure(directory: str, step: int, error: BaseException) -> str:
+def describe_failure(directory: str, step: int, error: BaseException) -> str:
+  """One line: the step, the file that failed to restore, and why."""
   step_dir = os.path.join(str(directory), str(step))
   return (f"checkpoint step {step} ({_culprit(step_dir, error)}) cannot be "
           f"restored: {_reason(error)}")
@@ -369,7 +322,7 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any,
         state = _restore_items(directory, step, abstract_state, data_iter)
       except Exception as e:  # pylint: disable=broad-exception-caught
         error = e  # See `restore`: corruption has no narrower type.
-    line = (_failure(directory, step, error) if error is not None else
+    line = (describe_failure(directory, step, error) if error is not None else
             f"checkpoint step {step} failed to restore on another process "
             "(see its log)")
     if _all_agree(error is None):
@@ -405,128 +358,6 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int],
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("bsf_jax:corrupt_steps_moved")
   manager.reload()
-
-
-def _open_read_only(path: str, which: str | int | None
-                    ) -> tuple[ocp.CheckpointManager, str, str | int | None]:
-  """A read-only manager for a workdir, its checkpoints dir or a step dir."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "state")):  # A step dir.
-    which = int(os.path.basename(path))
-    path = os.path.dirname(path)
-  elif os.path.isdir(os.path.join(path, CKPT_SUBDIR)):
-    path = os.path.join(path, CKPT_SUBDIR)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"No checkpoint directory at {path}")
-  manager = ocp.CheckpointManager(
-      path, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  return manager, path, which
-
-
-def run_meta(path: str) -> dict[str, Any]:
-  """The metadata of the newest kept step whose metadata reads.
-
-  Every step of a run has the same contract (a resume checks it), so any
-  readable step tells what was trained; used before a step is chosen.
-  """
-  manager, path, _ = _open_read_only(path, None)
-  try:
-    steps = sorted(manager.all_steps(), reverse=True)
-    if not steps:
-      raise FileNotFoundError(f"No complete checkpoint in {path}")
-    errors = []
-    for step in steps:
-      try:
-        return read_meta(manager, step)
-      except (FileNotFoundError, ValueError) as e:
-        errors.append(str(e))
-    raise CheckpointError(f"No checkpoint step in {path} has readable "
-                          f"metadata: {'; '.join(errors)}")
-  finally:
-    manager.close()
-
-
-def restore_params(path: str, which: str | int | None = "latest",
-                   metric: str | None = None,
-                   mode: str | None = None,
-                   placement: Callable[[str, Any], Any] | None = None
-                   ) -> tuple[Any, dict[str, Any], int]:
-  """Loads only the params of a workdir's checkpoint, on the host or placed.
-
-  Used by stage transfer, export and prediction, which need weights but not
-  the optimizer state or the mesh of the run that wrote them.
-
-  Args:
-    path: a workdir, its `checkpoints` dir, or one step dir inside it.
-    which: "latest", "best" or a step (ignored when `path` is a step dir).
-    metric, mode: how "best" is ranked (default: the run's own, `kinds.RunKind`).
-    placement: None (every param on the host), or `(name, metadata) ->
-      sharding`, per "/"-joined param name: a `jax.sharding.Sharding` restores
-      that param straight into it (each host reads only its shards), None
-      leaves it unread, as a `jax.ShapeDtypeStruct`.
-
-  Returns:
-    (params as numpy arrays, or as `placement` says; meta, step).
-  """
-  if which == "best" and metric is None:
-    metric, mode = best_metric_of(run_meta(path))
-  manager, path, which = _open_read_only(path, which)
-  step = resolve_step(manager, which, metric, mode)
-  try:
-    meta = read_meta(manager, step)
-    state_dir = os.path.join(path, str(step), "state")
-    params = (_host_params(state_dir) if placement is None
-              else _placed_params(state_dir, placement))
-  except Exception as e:  # pylint: disable=broad-exception-caught
-    # As in `restore`: corrupt files raise anything from KeyError to bare
-    # Exception. One line, and the way out: another kept step.
-    others = sorted(s for s in manager.all_steps() if s != step)
-    hint = (f"choose another kept step with --step (kept: {others})" if others
-            else "no other step is kept")
-    raise CheckpointError(f"{_failure(path, step, e)}; {hint}") from e
-  finally:
-    manager.close()
-  return params, meta, step
-
-
-def _host_params(state_dir: str) -> Any:
-  tree = ocp.StandardCheckpointer().metadata(state_dir)
-  tree = getattr(tree, "item_metadata", tree)
-  # The whole state is restored on the host (no mesh needed) and only the
-  # params are kept; the optimizer state is ~2x params, small next to
-  # activations.
-  abstract = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(state_dir, abstract)
-  return jax.device_get(restored["params"])
-
-
-def _placed_params(state_dir: str, placement: Callable[[str, Any], Any]) -> Any:
-  """The params of a saved state, each restored into the sharding `placement` gives it."""
-  tree = ocp.StandardCheckpointer().metadata(state_dir)
-  tree = getattr(tree, "item_metadata", tree)
-  flat = traverse_util.flatten_dict(dict(tree["params"]), sep="/")
-  wanted, unread = {}, {}
-  for name, m in flat.items():
-    target = placement(name, m)
-    if target is None:
-      unread[name] = jax.ShapeDtypeStruct(m.shape, m.dtype)
-    else:
-      wanted[name] = jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=target)
-  restored = {}
-  if wanted:
-    # Only the wanted params are read (partial restore): no optimizer state,
-    # and no array is assembled on one host unless its sharding says so.
-    item = {"params": traverse_util.unflatten_dict(wanted, sep="/")}
-    restore_args = jax.tree.map(
-        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
-                                       dtype=s.dtype), item)
-    with ocp.PyTreeCheckpointer() as ckptr:
-      out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
-    restored = traverse_util.flatten_dict(dict(out["params"]), sep="/")
-  return traverse_util.unflatten_dict({**unread, **restored}, sep="/")
 
 
 def check_contract(saved: dict[str, Any], current: dict[str, Any],

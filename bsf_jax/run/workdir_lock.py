@@ -41,6 +41,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bsf_jax.data import procfs
+
 LOCK_NAME = "run.lock"
 
 
@@ -54,12 +56,7 @@ def lock_path(workdir: str) -> str:
 
 def _start_ticks(pid: int) -> int | None:
   """The process's start time in clock ticks since boot (Linux), or None."""
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      # The command name (field 2) may contain spaces: split after it.
-      return int(f.read().rsplit(")", 1)[1].split()[19])
-  except (OSError, IndexError, ValueError):
-    return None
+  return procfs.stat_field(pid, 22)
 
 
 def _alive(pid: int, start_ticks: int | None) -> bool:

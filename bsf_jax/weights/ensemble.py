@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from bsf_jax.run import checkpointing, config_lib, kinds
+from bsf_jax.run import checkpoint_reads, checkpointing, config_lib, kinds
 from bsf_jax.infer import inference
 from bsf_jax import models
 from bsf_jax.infer import contract as contract_lib
@@ -54,7 +54,7 @@ class Member:
 
 
 def _is_checkpoint(path: str) -> bool:
-  """A workdir, its checkpoints dir or a step dir (`checkpointing.restore_params`)."""
+  """A workdir, its checkpoints dir or a step dir (`checkpoint_reads.restore_params`)."""
   return (os.path.isdir(os.path.join(path, checkpointing.CKPT_SUBDIR))
           or os.path.isdir(os.path.join(path, "state"))
           or os.path.basename(os.path.normpath(path)) == checkpointing.CKPT_SUBDIR)
@@ -100,7 +100,7 @@ def load(checkpoints: Sequence[str], which: str | int = "best") -> list[Member]:
   """
   members = []
   for path in checkpoints:
-    params, meta, step = checkpointing.restore_params(
+    params, meta, step = checkpoint_reads.restore_params(
         path, which, metric=kinds.SEG.best_metric, mode=kinds.SEG.best_mode)
     member = Member(path, step, params, meta)
     contract = member.contract

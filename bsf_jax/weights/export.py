@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from bsf_jax.run import checkpointing
+from bsf_jax.run import checkpoint_reads
 from bsf_jax.data import atomic_io
 from bsf_jax.models.swin_config import MONAI_VERSIONS
 
@@ -37,9 +37,9 @@ def export(workdir: str, out: str, fmt: str, which: str | int = "latest",
   from bsf_jax.weights import convert, weight_files  # torch is an optional extra: import lazily.
   # All steps of a run share the contract: any readable one names the model
   # (needed first, as "best" is ranked by a model-specific metric).
-  model = checkpointing.run_meta(workdir).get("contract", {}).get("model", {})
+  model = checkpoint_reads.run_meta(workdir).get("contract", {}).get("model", {})
   kind = model.get("name")
-  metric, mode = checkpointing.best_metric_of({"contract": {"model": model}})
+  metric, mode = checkpoint_reads.best_metric_of({"contract": {"model": model}})
   order = model["patch_merging"]
   if fmt == "bsf" and kind != "ssl_head":
     raise ValueError("--format bsf is the SSL-head checkpoint format; this run "
@@ -51,8 +51,8 @@ def export(workdir: str, out: str, fmt: str, which: str | int = "latest",
         "function. Pass --monai_before_1_5 if you load the file into such a MONAI "
         "(pip install 'monai<1.5'), or export --format safetensors or bsf for bsf_jax and "
         "BrainSegFounder's code")
-  params, meta, step = checkpointing.restore_params(workdir, which, metric,
-                                                    mode)
+  params, meta, step = checkpoint_reads.restore_params(workdir, which, metric,
+                                                       mode)
   if fmt == "monai" and kind == "ssl_head":
     state_dict = {f"swinViT.{k}": v for k, v in
                   convert.params_to_torch(params["swinViT"], "encoder").items()}

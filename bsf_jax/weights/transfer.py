@@ -59,7 +59,7 @@ def _read_torch_file(path: str):
 
 
 def _which_step(init_from_step: str | int) -> str | int:
-  """config.init_from_step as `checkpointing.restore_params` takes it."""
+  """config.init_from_step as `checkpoint_reads.restore_params` takes it."""
   if isinstance(init_from_step, int) or str(init_from_step).isdigit():
     return int(init_from_step)
   if init_from_step not in ("best", "latest"):
@@ -80,7 +80,7 @@ def load_source(path: str, init_from_step: str | int = "best", target: Any = Non
     target: None (the source's params as numpy arrays), or the params they
       go into as sharded `jax.Array`s: a workdir's params are then restored
       straight into the shardings of the target's params of the same name
-      and shape (`checkpointing.restore_params(placement=...)`); params the
+      and shape (`checkpoint_reads.restore_params(placement=...)`); params the
       target lacks are not read, nor (without `adapt_channels`) those of
       another shape.
     adapt_channels: with `target`, read params whose shape differs on the host
@@ -91,7 +91,7 @@ def load_source(path: str, init_from_step: str | int = "best", target: Any = Non
   if os.path.isfile(path):
     torch_file = _read_torch_file(path)
     return load_torch_params(torch_file), None, torch_file.describe()
-  from bsf_jax.run import checkpointing  # pylint: disable=g-import-not-at-top
+  from bsf_jax.run import checkpoint_reads  # pylint: disable=g-import-not-at-top
   which = _which_step(init_from_step)
   placement = None
   if target is not None:
@@ -105,9 +105,10 @@ def load_source(path: str, init_from_step: str | int = "best", target: Any = Non
       # Another shape: only `_adapt` reads it (a modality-channel axis: small).
       return (jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
               if adapt_channels else None)
-  params, meta, step = checkpointing.restore_params(path, which, placement=placement)
+  params, meta, step = checkpoint_reads.restore_params(path, which,
+                                                       placement=placement)
   modalities = meta.get("contract", {}).get("modalities")
-  metric = checkpointing.best_metric_of(meta)[0]
+  metric = checkpoint_reads.best_metric_of(meta)[0]
   how = {"best": f"best by {metric}", "latest": "latest"}.get(which, "as asked")
   if which == "best" and metric not in meta.get("metrics", {}):
     how = f"latest: no kept step has {metric}"
@@ -135,8 +136,8 @@ def source_patch_merging(path: str) -> tuple[str | None, str]:
   if os.path.isfile(path):
     torch_file = _read_torch_file(path)
     return torch_file.patch_merging, torch_file.merging_reason
-  from bsf_jax.run import checkpointing  # pylint: disable=g-import-not-at-top
-  model = checkpointing.run_meta(path).get("contract", {}).get("model", {})
+  from bsf_jax.run import checkpoint_reads  # pylint: disable=g-import-not-at-top
+  model = checkpoint_reads.run_meta(path).get("contract", {}).get("model", {})
   if "patch_merging" not in model:
     raise TransferError(f"config.init_from={path!r}: its checkpoints' metadata records no "
                         "model contract (contract.model.patch_merging)")
