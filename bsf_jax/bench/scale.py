@@ -149,23 +149,18 @@ def case_config(stage: int, size: str, n_devices: int, fsdp: int, dtype: str,
 
 
 def compile_step(config, mesh):
-  """(compiled train step, abstract state) of `config` on `mesh`, run-free."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from bsf_jax import models  # pylint: disable=g-import-not-at-top
-  from bsf_jax.step import ssl_step, train_step
-  from bsf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from bsf_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
+  """(compiled train step, abstract state) of `config` on `mesh`, run-free.
 
-  model = models.from_config(config, devices=list(mesh.devices.flat))
-  if config.trainer == "pretrain":
-    labelled, loss_fn = False, ssl_step.make_loss_fn(
-        model, config.ssl, jnp.dtype(config.model.dtype))
-  else:
-    labelled, loss_fn = True, finetune.make_loss_fn(
-        model, config.seg, pipeline.seg_augmentation(config.data) == "device")
+  The trainer's own job (model and loss) compiled as its run compiles it.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from bsf_jax.step import train_step  # pylint: disable=g-import-not-at-top
+  from bsf_jax.trainers import finetune, pretrain  # pylint: disable=g-import-not-at-top
+
+  trainer = {"pretrain": pretrain, "finetune": finetune}[config.trainer]
+  job = trainer.make_job(config, mesh)
   compiled, abstract, _, _ = train_step.compile_step(
-      config, model, loss_fn, labelled, mesh, jax.random.key(0))
+      config, job.model, job.loss_fn, job.kind.labelled, mesh, jax.random.key(0))
   return compiled, abstract
 
 

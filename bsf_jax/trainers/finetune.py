@@ -70,6 +70,14 @@ def make_loss_fn(model, seg: ml_collections.ConfigDict, augment_on_device=False)
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   logging.info("%s", transfer.resolve_patch_merging(config))
   mesh = sharding.create_mesh(config.mesh)
+  return loop.run(config, workdir, make_job(config, mesh), mesh)
+
+
+def make_job(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop.Job:
+  """Stage 3 on `mesh`: SwinUNETR, its Dice loss and whole-volume validation.
+
+  A frozen encoder (`config.seg.freeze_encoder`) is set in `config.optim`.
+  """
   if config.seg.freeze_encoder:
     config.optim.freeze = "^swinViT/"
   model = models.from_config(config, devices=list(mesh.devices.flat))
@@ -97,6 +105,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     return scoring.mean_volume_metrics(per_volume, keys)
 
   on_device = pipeline.seg_augmentation(config.data) == "device"
-  job = loop.Job(model=model, loss_fn=make_loss_fn(model, config.seg, on_device),
-                 kind=kinds.SEG, evaluate=evaluate)
-  return loop.run(config, workdir, job, mesh)
+  return loop.Job(model=model, loss_fn=make_loss_fn(model, config.seg, on_device),
+                  kind=kinds.SEG, evaluate=evaluate)

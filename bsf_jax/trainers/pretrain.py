@@ -30,6 +30,11 @@ _EVAL_SEED = 20240101
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   logging.info("%s", transfer.resolve_patch_merging(config))
   mesh = sharding.create_mesh(config.mesh)
+  return loop.run(config, workdir, make_job(config, mesh), mesh)
+
+
+def make_job(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop.Job:
+  """Stages 1-2 on `mesh`: the SSL model, its loss, validation and previews."""
   model = models.from_config(config, devices=list(mesh.devices.flat))
   dtype = jnp.dtype(config.model.dtype)
   loss_fn = ssl_step.make_loss_fn(model, config.ssl, dtype)
@@ -64,9 +69,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         ("input", "augmented", "reconstruction"),
         (mid_slice(np.asarray(a)) for a in _preview(params, x, eval_key)))}
 
-  job = loop.Job(model=model, loss_fn=loss_fn, kind=kinds.SSL, evaluate=evaluate,
-                 images=images)
-  return loop.run(config, workdir, job, mesh)
+  return loop.Job(model=model, loss_fn=loss_fn, kind=kinds.SSL, evaluate=evaluate,
+                  images=images)
 
 
 def mid_slice(volume: np.ndarray) -> np.ndarray:
