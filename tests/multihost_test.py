@@ -294,7 +294,9 @@ def test_two_processes_scan_once(tmp_path):
     with open(tmp_path / f"scanner{i}.json") as f:
       outcomes.append(json.load(f))
   assert "no ukb subjects found" in str(outcomes[0]["error"]), logs[0][-3000:]
+  # Process 1 says why too: process 0 leaves its reason beside the datalist.
   assert "process 0 could not scan" in str(outcomes[1]["error"]), logs[1][-3000:]
+  assert "no ukb subjects found" in str(outcomes[1]["error"]), logs[1][-3000:]
   records = [o["records"] for o in outcomes]
   cfg = pipeline.default_config()
   cfg.update(dict(dataset="ukb", root=root, min_slices=50))

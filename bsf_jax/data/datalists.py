@@ -270,13 +270,20 @@ def run_datalist(cfg, workdir: str) -> str:
     DataError: the scan failed or found nothing (on every process).
   """
   import jax  # Only here: process topology and the wait for process 0.
+  from bsf_jax.data import atomic_io
   path = os.path.join(os.path.abspath(workdir), RUN_DATALIST)
+  # Why process 0's scan failed, for the other processes to say too.
+  reason_path = path + ".error"
   error = None
   if jax.process_index() == 0:
     try:
       _scan_once(cfg, path)
     except Exception as e:  # pylint: disable=broad-exception-caught
       error = e  # Raised below, once the others know.
+    if error is not None and jax.process_count() > 1:
+      atomic_io.write_text(reason_path, f"{error}\n")
+    elif os.path.exists(reason_path):
+      os.remove(reason_path)
   if jax.process_count() > 1:
     # The scan may take minutes: the others wait at the distributed client's
     # barrier, which has a timeout, not in a device collective.
@@ -286,8 +293,12 @@ def run_datalist(cfg, workdir: str) -> str:
                                     timeout_ms=SCAN_TIMEOUT_S * 1000)
     ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
     if not ok and error is None:
-      error = DataError(f"{path}: process 0 could not scan {cfg.root} (its log "
-                        "says why)")
+      try:
+        with open(reason_path) as f:
+          reason = f.read().strip()
+      except OSError:
+        reason = "its log says why"
+      error = DataError(f"{path}: process 0 could not scan {cfg.root}: {reason}")
   if error is not None:
     raise error
   return path
