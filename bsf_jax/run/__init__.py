@@ -1,4 +1,5 @@
-"""Run plumbing: config, checkpoints, the workdir lock, atomic writes, hosts, preflight, metric writers.
+"""Run plumbing: config, kinds of run, checkpoints and read-only checkpoint reads, the workdir lock,
+hosts, preflight, metric writers.
 
 Imports the step, inference and scores, models and data; never the trainers, weights or entry points.
 """
