@@ -391,7 +391,6 @@ def test_saved_probabilities_keep_their_side_of_the_threshold():
 
 def test_ensemble_of_one_checkpoint_twice_is_the_single_prediction(
     run, single_prediction, tmp_path):
-  from bsf_jax.infer import metrics
   from bsf_jax.weights import prediction
   one, single_dir, _ = single_prediction
   out = tmp_path / "ensemble"

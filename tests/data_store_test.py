@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from bsf_jax.run import config_lib
-from bsf_jax.data import DataError
 from bsf_jax.data import datalists
 from bsf_jax.data import demo
 from bsf_jax.data import io

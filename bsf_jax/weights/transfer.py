@@ -97,7 +97,7 @@ def load_source(path: str, init_from_step: str | int = "best", target: Any = Non
   if target is not None:
     wanted = traverse_util.flatten_dict(target, sep="/")
 
-    def placement(name, metadata):
+    def place(name, metadata):
       if name not in wanted:
         return None
       if tuple(metadata.shape) == tuple(wanted[name].shape):
@@ -105,6 +105,7 @@ def load_source(path: str, init_from_step: str | int = "best", target: Any = Non
       # Another shape: only `_adapt` reads it (a modality-channel axis: small).
       return (jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
               if adapt_channels else None)
+    placement = place
   params, meta, step = checkpoint_reads.restore_params(path, which,
                                                        placement=placement)
   modalities = meta.get("contract", {}).get("modalities")
