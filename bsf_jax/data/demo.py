@@ -16,7 +16,7 @@ bright lesions; T1ce adds an enhancing tumour rim. Tumours are nested
 necrosis (1) / enhancing rim (4) / oedema (2); stroke lesions sit in vascular
 territories (MCA cortex, lenticulostriate, thalamus, PCA, pons, corona radiata).
 Each subject has its own rng from (seed, dataset, index): same seed -> the
-same bytes, whatever the worker count.
+same NIfTI files (header and voxels), whatever the worker count.
 
 `--small` divides every grid by 3 (3 mm voxels) and keeps layouts and names.
 """

@@ -202,7 +202,11 @@ def write_volume(path: str, data: np.ndarray, affine: np.ndarray,
                  dtype=np.float32, compresslevel: int = 2) -> str:
   """Writes a NIfTI-1 file (gzip-compressed if `path` ends in `.gz`).
 
-  The gzip header carries no timestamp, so equal arrays give equal bytes.
+  The gzip header carries no timestamp, so equal arrays give equal NIfTI
+  bytes once decompressed. The compressed stream itself is not guaranteed
+  equal with ISA-L (https://github.com/intel/isa-l/issues/140): two writes of
+  the same array have been seen to differ in one bit of the stream that
+  decodes to the same data.
 
   Args:
     path: output `.nii` / `.nii.gz` path; parent folders are created.
