@@ -112,6 +112,22 @@ def guard(spec, record, fn, *args):
     return None
 
 
+def intensity_and_region(loaded: Loaded, spec: CropSpec):
+  """(intensity parameters, crop region start, size) of a volume.
+
+  What both the crops of a training step and a prepared store start from.
+
+  Raises:
+    DataError: non-finite intensity statistics, or no foreground.
+  """
+  params = spec.intensity.fit(loaded.chans)
+  if not all(np.isfinite(p).all() for p in params):
+    raise DataError("NaN/Inf voxels (non-finite intensity statistics)")
+  start, size = T.crop_region(loaded.chans, spec.intensity.foreground_threshold, spec.roi,
+                              loaded.plane)
+  return params, start, size
+
+
 def make_crops(loaded: Loaded, rng, spec: CropSpec, augment: bool):
   """`num_samples` roi crops (+ labels) of one volume, intensity-normalised.
 
@@ -120,11 +136,7 @@ def make_crops(loaded: Loaded, rng, spec: CropSpec, augment: bool):
   segmentation RandFlip x3 and RandScale/ShiftIntensity when `augment`.
   """
   chans, label = loaded.chans, loaded.label
-  params = spec.intensity.fit(chans)
-  if not all(np.isfinite(p).all() for p in params):
-    raise DataError("NaN/Inf voxels (non-finite intensity statistics)")
-  start, size = T.crop_region(chans, spec.intensity.foreground_threshold, spec.roi,
-                              loaded.plane)
+  params, start, size = intensity_and_region(loaded, spec)
 
   def cut(corner, image_out, label_out):
     img = np.stack([T.crop_with_fill(c, corner, spec.roi, spec.raw_fill) for c in chans], -1)

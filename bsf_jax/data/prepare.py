@@ -46,7 +46,6 @@ from bsf_jax.data import atomic_io
 from bsf_jax.data import DataError
 from bsf_jax.data import datalists
 from bsf_jax.data import store
-from bsf_jax.data import transforms as T
 
 FLAGS = tool_flags.flag_values(__name__)
 config_flags.DEFINE_config_file(
@@ -133,10 +132,7 @@ def prepare_subject(record: dict, spec) -> tuple[dict[str, np.ndarray], dict]:
   loaded = crops.load_record(record, spec)
   chans, label = loaded.chans, loaded.label
   try:
-    params = spec.intensity.fit(chans)
-    if not all(np.isfinite(p).all() for p in params):
-      raise DataError("NaN/Inf voxels (non-finite intensity statistics)")
-    start, size = T.crop_region(chans, spec.intensity.foreground_threshold, spec.roi)
+    params, start, size = crops.intensity_and_region(loaded, spec)
   except DataError as e:  # e.g. no foreground: name the record's files
     raise DataError(f"{', '.join(record['image'])}: {e}") from e
   shape = np.asarray(chans[0].shape)
